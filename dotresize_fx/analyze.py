@@ -36,6 +36,9 @@ class Member:
     length: int = 0          # channels of this group in this dim (size × unit)
     op: str = ""             # the ATen op that gives the role
     module: str = ""
+    node: str = ""           # the graph node of that op
+    reads: str = ""          # consumers of a residual: the norm module whose output they read ("" = raw stream)
+    attn: str = ""           # heads: "qk" (query/key: attention pattern) or "vo" (value/output: linear path)
 
 
 @dataclass
@@ -310,7 +313,8 @@ class _Walker:
         if d < 0:
             d += len(pdims)
         if 0 <= d < len(pdims) and pdims[d] is not None:
-            self.uses[(fqn, pdims[d])].append((role, str(_packet(op_node.target).__name__), self.module(op_node)))
+            self.uses[(fqn, pdims[d])].append((role, str(_packet(op_node.target).__name__), self.module(op_node),
+                                               op_node.name))
 
     def join_all(self, xs: list[int], ys: list[int]) -> None:
         for x, y in zip(xs, ys):
@@ -648,8 +652,8 @@ class _Walker:
                         continue
                     if not is_param and key not in by_key:
                         continue  # buffers only join groups that parameters define (BN stats, not RoPE tables)
-                    for role, op, module in _unique_roles(roles):
-                        by_key[key].append((Member(fqn, d, role, offset, length, op, module), leaves))
+                    for role, op, module, node in _unique_roles(roles):
+                        by_key[key].append((Member(fqn, d, role, offset, length, op, module, node), leaves))
         ordered = sorted(by_key.items(), key=lambda kv: min(self._order(m.param) for m, _ in kv[1]))
         out, counters = [], defaultdict(int)
         for key, entries in ordered:
@@ -692,6 +696,9 @@ class _Walker:
                 reasons.append(f"reduced over by aten.{op} outside a norm (module {mod or '<root>'})")
         if is_heads:
             g.kind = "heads"
+            qk_dims = {s.find(d) for h, d in self.heads if s.leaves(h)[0] == key}
+            for m, leaves in entries:
+                m.attn = "qk" if s.find(leaves[-1]) in qk_dims else "vo"
             longest = max((leaves for _, leaves in entries), key=len)
             g.kv_heads = size
             g.size = size * (s.size[longest[1]] if len(longest) > 2 else 1)
@@ -699,6 +706,7 @@ class _Walker:
         elif norms and len(g.producers()) >= 2 and any(op in ("layer_norm", "rms_norm", "mean") for _, op in reducing):
             g.kind = "residual"
             g.norm_position = "post" if self._post_norm(key) else "pre"
+            self._mark_norm_readers(g)
             if g.norm_position == "post":
                 reasons.append("post-LN: the stream itself is normalised after every residual add, so no "
                                "orthogonal map keeps the norms invariant (MLP and heads groups stay resizable)")
@@ -714,6 +722,19 @@ class _Walker:
         g.resizable = not reasons
         g.reason = "; ".join(dict.fromkeys(reasons))
         return g
+
+    def _mark_norm_readers(self, g: WidthGroup) -> None:
+        nodes = {n.name: n for n in self.c.graph.nodes}
+        for m in g.consumers():
+            x = nodes[m.node].args[0] if m.op != "addmm" else nodes[m.node].args[1]
+            while isinstance(x, torch.fx.Node):
+                mod = self.c.node_module.get(x.name, "")
+                if mod in g.norms:
+                    m.reads = mod
+                    break
+                if _packet(x.target) not in _SAME_SHAPE | _RESHAPE | {aten.slice}:  # slice: logits_to_keep
+                    break
+                x = x.args[0]
 
     def _post_norm(self, key: int) -> bool:
         """A norm whose output (through casts/dropout) feeds a residual add normalises the stream itself."""

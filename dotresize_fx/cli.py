@@ -67,6 +67,26 @@ def cmd_analyze(args) -> dict:
     return analysis.to_json()
 
 
+def cmd_verify(args) -> dict:
+    from .analyze import analyze
+    from .load import load
+    from .rewrite import VERIFY_TOL, invariance_checks
+    model, _, inputs = load(args.model)
+    analysis = analyze(model, inputs)
+    checks = invariance_checks(model, analysis, inputs)
+    for c in checks:
+        diff = "skipped: " + c["skipped"] if c.get("skipped") else f"max |d output| {c['max_abs_diff']:.3g}"
+        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']:<24} {diff}")
+    result = {"checks": checks, "tolerance": VERIFY_TOL, "dtype": "float64"}
+    if not all(c["ok"] for c in checks):
+        _write_json(args.json, result)
+        bad = [c for c in checks if not c["ok"]]
+        raise DotResizeError(f"{len(bad)} invariance check(s) failed (worst {max(c['max_abs_diff'] for c in bad):.3g} "
+                             f"> {VERIFY_TOL}): the rewrite does not preserve this model; run 'analyze --details' "
+                             "and report the group")
+    return result
+
+
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sotu", help="text: sotu | file.txt | folder | hf:NAME[:CONFIG]:SPLIT | random")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, BOS included (default 512)")
@@ -94,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the groups here")
     p.add_argument("--details", action="store_true", help="print every group's chain of members")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("verify", help="invariance checks: identity, permutation and rotation maps keep the outputs")
+    p.add_argument("model")
+    p.add_argument("--json", help="write the checks here")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

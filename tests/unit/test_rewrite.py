@@ -1,0 +1,47 @@
+"""Identity, permutation and residual-rotation maps reproduce every architecture's outputs (DESIGN §6)."""
+import pytest
+import torch
+
+import models
+from dotresize_fx.analyze import analyze
+from dotresize_fx.rewrite import VERIFY_TOL, WidthMap, apply, invariance_checks
+
+
+@pytest.mark.parametrize("arch", models.ALL)
+def test_invariance_checks_pass(arch):
+    model, inputs = getattr(models, arch)()
+    checks = invariance_checks(model, analyze(model, inputs), inputs)
+    names = [c["name"] for c in checks]
+    assert names[:2] == ["identity", "permutation"]
+    for c in checks:
+        if not c.get("skipped"):
+            assert c["max_abs_diff"] <= VERIFY_TOL, c
+    if arch in ("llama", "qwen2", "mistral", "phi3", "gemma"):  # RMSNorm: the rotation is really run
+        assert any(c["name"].startswith("rotation") and c["max_abs_diff"] is not None for c in checks)
+
+
+def test_a_wrong_map_is_caught():
+    """The check can fail: a map that is not a permutation changes the outputs."""
+    model, inputs = models.llama()
+    a = analyze(model, inputs)
+    mlp = a.by_kind("mlp")[0]
+    M = torch.eye(mlp.size, dtype=torch.float64)
+    M[0, 1] = 0.5
+    new, _ = apply(model, a, {mlp.name: WidthMap(mlp.name, M, torch.eye(mlp.size, dtype=torch.float64))})
+    with torch.no_grad():
+        assert (new(*inputs).logits - model(*inputs).logits).abs().max() > 1e-3
+
+
+def test_apply_does_not_modify_the_input_and_updates_config():
+    model, inputs = models.llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = analyze(model, inputs)
+    mlp = a.by_kind("mlp")
+    keep = torch.arange(0, 96, 2)
+    maps = {g.name: WidthMap.selection(g.name, g.size, keep) for g in mlp}
+    new, report = apply(model, a, maps)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert new.config.intermediate_size == 48 and report.stock
+    assert new.model.layers[0].mlp.down_proj.in_features == 48
+    with torch.no_grad():
+        assert new(*inputs).logits.shape == model(*inputs).logits.shape
