@@ -87,6 +87,71 @@ def cmd_verify(args) -> dict:
     return result
 
 
+def cmd_compress(args) -> dict:
+    from .compress import Job, PassSpec, public, run
+    if args.passes:
+        specs = PassSpec.parse(args.passes)
+    else:
+        options = {k: v for k, v in (("mlp", args.mlp), ("heads", args.heads), ("residual", args.residual)) if v}
+        if args.budget is not None:
+            options = _budget_options(args)
+        for key in ("importance", "unmerge"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        specs = [PassSpec(args.method, options)]
+    job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
+              eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite)
+    report = public(run(job))
+    _print_summary(report)
+    return report
+
+
+def _budget_options(args) -> dict:
+    if not 0 < args.budget < 1:
+        raise DotResizeError(f"--budget {args.budget}: the fraction of non-embedding parameters to remove "
+                             "must be in (0, 1)")
+    if args.residual or args.heads:
+        raise DotResizeError("--budget spreads the reduction over the MLP widths; do not combine it with "
+                             "--heads/--residual (give fractions instead)")
+    # each MLP neuron carries 3 (SwiGLU) or 2 weights per residual channel: fraction of MLP params ≈ fraction
+    # of MLP width, so solve for the MLP fraction that removes the budget
+    from .analyze import analyze
+    from .evaluate import parameter_counts
+    from .load import load
+    model, _, inputs = load(args.model)
+    analysis = analyze(model, inputs)
+    mlp_params = 0
+    for g in analysis.by_kind("mlp"):
+        mlp_params += sum(model.get_parameter(m.param).numel() for m in g.members)
+    nonembed = parameter_counts(model)["non_embedding"]
+    fraction = args.budget * nonembed / max(mlp_params, 1)
+    if fraction >= 1:
+        raise DotResizeError(f"--budget {args.budget} needs more than all MLP parameters ({mlp_params} of "
+                             f"{nonembed}): lower it or add --heads/--residual fractions")
+    return {"mlp": round(fraction, 4)}
+
+
+def _print_summary(r: dict) -> None:
+    rows = [("", "before", "after"),
+            ("parameters", f"{r['params_before'] / 1e6:.2f}M", f"{r['params_after'] / 1e6:.2f}M"),
+            ("non-embedding", f"{r['nonembed_params_before'] / 1e6:.2f}M", f"{r['nonembed_params_after'] / 1e6:.2f}M")]
+    if r["ppl_before"] is not None:
+        rows.append(("perplexity", f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}"))
+    for row in rows:
+        print(f"{row[0]:<16}{row[1]:>12}{row[2]:>12}")
+    print(f"widths: {r['widths']}")
+    for p in r["passes"]:
+        for line in p.get("rounding", []):
+            print(f"rounded {line}")
+        if p.get("untied"):
+            print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
+    print(f"graph vs eager compressed model: max |d| {r['graph_check_max_abs_diff']:.2g}; "
+          f"compress {r['timing']['compress_s']:.1f} s (calibration forwards {r['timing']['calib_forward_s']:.1f} s), "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    if r.get("out"):
+        print(f"saved to {r['out']}")
+
+
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sotu", help="text: sotu | file.txt | folder | hf:NAME[:CONFIG]:SPLIT | random")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, BOS included (default 512)")
@@ -119,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", help="write the checks here")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compress", help="compress a model with a pass or a pipeline of passes")
+    p.add_argument("model")
+    p.add_argument("--method", choices=["prune", "dotresize", "pca"], default="dotresize")
+    p.add_argument("--passes", help='a pipeline, e.g. "prune:mlp=0.2 dotresize:mlp=0.2"')
+    p.add_argument("--mlp", type=float, default=0.0, help="fraction of every MLP width to remove")
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--residual", type=float, default=0.0, help="fraction of the residual stream to remove")
+    p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove (MLP widths)")
+    p.add_argument("--importance", choices=["weight", "activation", "act_weight"])
+    p.add_argument("--unmerge", choices=["select", "ls", "ot", "pinv"])
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_eval_protocol(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 

@@ -1,0 +1,33 @@
+"""Passes built on the toolkit. `build_pass` turns a PassSpec (`prune:mlp=0.2`) into a configured pass."""
+from __future__ import annotations
+
+from dotresize_fx.errors import DotResizeError
+from dotresize_fx.pipeline import Targets
+
+_TARGET_KEYS = ("mlp", "heads", "residual", "round_to")
+
+
+def build_pass(spec, analysis, calibration, probe, previous=()):
+    opts = dict(spec.options)
+    targets = Targets(**{k: opts.pop(k) for k in _TARGET_KEYS if k in opts})
+    try:
+        if spec.method == "prune":
+            from .prune import PruneConfig, PrunePass
+            return PrunePass(PruneConfig(targets=targets, **opts), analysis, calibration, probe)
+        if spec.method == "dotresize":
+            from .dotresize import DotResizeConfig, DotResizePass
+            kept = _kept_by_prune(previous)
+            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, kept)
+        if spec.method == "pca":
+            from .pca import PCAConfig, PCAPass
+            return PCAPass(PCAConfig(targets=targets, **opts), analysis, calibration, probe)
+    except TypeError as e:
+        raise DotResizeError(f"pass {spec.method}: bad option ({e}); see 'dotresize-fx compress --help'") from e
+    raise DotResizeError(f"unknown pass {spec.method!r}: use prune, dotresize or pca")
+
+
+def _kept_by_prune(previous):
+    for r in reversed(list(previous)):
+        if r.get("method") == "prune":
+            return r["_pass"].kept
+    return None

@@ -1,0 +1,194 @@
+"""The compress job: load → analyze → calibrate → passes → check → evaluate → save, with one report.
+
+Kept out of the CLI so that examples, benchmarks and tests run exactly what `dotresize-fx compress` runs.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import data
+from .analyze import analyze
+from .calibrate import collect_stats
+from .capture import capture
+from .errors import DotResizeError
+from .evaluate import parameter_counts, perplexity
+from .load import load
+from .pipeline import Targets, plan_widths
+from .save import check_output_dir, save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassSpec:
+    """One pass of a pipeline: its name and options (`prune:mlp=0.2,importance=activation`)."""
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @staticmethod
+    def parse(text: str) -> list["PassSpec"]:
+        specs = []
+        for item in text.split():
+            method, _, opts = item.partition(":")
+            options = {}
+            for kv in filter(None, opts.split(",")):
+                key, eq, value = kv.partition("=")
+                if not eq:
+                    raise DotResizeError(f"--passes {item!r}: options are key=value, got {kv!r}")
+                options[key] = _number(value)
+            specs.append(PassSpec(method, options))
+        return specs
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Job:
+    model: str
+    passes: list[PassSpec]
+    data: str = "sotu"
+    calib_samples: int = 32
+    seq_len: int = 512
+    eval_tokens: int = 16384
+    batch_size: int = 4
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    evaluate: bool = True
+    progress: bool = True
+
+
+def run(job: Job) -> dict:
+    """Run a compress job; returns the report (also written to OUT/report.json)."""
+    from passes import build_pass
+    t_start = time.perf_counter()
+    timing = {}
+    if job.out:
+        check_output_dir(Path(job.out), job.model, job.overwrite)
+    t = time.perf_counter()
+    model, tokenizer, inputs = load(job.model)
+    timing["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    analysis = analyze(model, inputs)
+    timing["capture_s"], timing["analyze_s"] = analysis.timing["capture_s"], analysis.timing["analyze_s"]
+    calib, eval_windows, provenance = _data(job, tokenizer, inputs, model)
+    before = parameter_counts(model)
+    ppl_before = _ppl(model, eval_windows, job) if job.evaluate else None
+
+    current, pass_reports, calibration = model, [], None
+    t = time.perf_counter()
+    calib_forward_s = 0.0
+    for i, spec in enumerate(job.passes):
+        if spec.method == "prune" and i + 1 < len(job.passes) and job.passes[i + 1].method == "dotresize":
+            # "prune → dotresize": the pruning decides who stays, OT decides where the rest goes
+            spec = PassSpec("prune", {**spec.options, "select_only": True})
+        if calibration is None or current is not model:
+            # statistics are shared by consecutive passes on the same model; a changed model recalibrates
+            groups = [g.name for g in analysis.groups if g.resizable and g.kind in ("mlp", "heads", "residual")]
+            calibration = collect_stats(current, analysis, calib, groups, progress=job.progress)
+            calib_forward_s += calibration.forward_s
+        the_pass = build_pass(spec, analysis, calibration, inputs, previous=pass_reports)
+        result = the_pass(current)
+        current = result.graph_module
+        pass_reports.append({"method": spec.method, "options": spec.options, **the_pass.report,
+                             "_pass": the_pass})
+        if result.modified and i + 1 < len(job.passes):
+            analysis = analyze(current, inputs)
+            calibration = None
+    timing["compress_s"] = time.perf_counter() - t
+    timing["calib_forward_s"] = calib_forward_s
+    graph_diff = _graph_check(current, inputs)
+    after = parameter_counts(current)
+    ppl_after = _ppl(current, eval_windows, job) if job.evaluate else None
+    report = {
+        "model": job.model, "passes": [{k: v for k, v in r.items() if k != "_pass"} for r in pass_reports],
+        "params_before": before["total"], "params_after": after["total"],
+        "nonembed_params_before": before["non_embedding"], "nonembed_params_after": after["non_embedding"],
+        "nonembed_reduction": 1 - after["non_embedding"] / before["non_embedding"],
+        "ppl_before": ppl_before and ppl_before["ppl"], "ppl_after": ppl_after and ppl_after["ppl"],
+        "widths": _widths(analysis, current, pass_reports), "graph_check_max_abs_diff": graph_diff,
+        "protocol": {**provenance, "seq_len": job.seq_len, "eval_tokens": ppl_after and ppl_after["tokens"],
+                     "calib_samples": job.calib_samples, "seed": job.seed, "bos": True},
+        "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    }
+    timing["total_s"] = time.perf_counter() - t_start
+    report["timing"] = timing
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["_model"], report["_tokenizer"], report["_eval_windows"] = current, tokenizer, eval_windows
+    if job.out:
+        stock = all(r.get("stock", True) for r in pass_reports)
+        save(current, job.out, source=job.model, tokenizer=tokenizer, stock=stock,
+             report=public(report), overwrite=job.overwrite)
+        report["out"] = job.out
+    return report
+
+
+def public(report: dict) -> dict:
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def _data(job: Job, tokenizer, inputs, model):
+    if job.data == "random" or tokenizer is None:
+        if job.data != "random":
+            raise DotResizeError(f"the model has no tokenizer, so --data {job.data} cannot be tokenized: "
+                                 "use --data random")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        batches = data.synthetic_inputs(inputs, job.calib_samples, job.seed, vocab)
+        return batches, None, {"corpus": "random", "calib_tokens_sha256": None}
+    bos = data.bos_id(tokenizer)
+    corpus = data.text(job.data, "calibration")
+    calib_ids = data.tokenize(tokenizer, corpus, data.CALIB_MAX_CHARS)
+    windows = data.calibration_windows(calib_ids, bos, job.calib_samples, job.seq_len, job.seed, corpus.name)
+    batches = [(windows[i:i + job.batch_size],) for i in range(0, len(windows), job.batch_size)]
+    eval_windows = None
+    if job.evaluate:
+        ev = data.text(job.data, "evaluation")
+        eval_windows = data.evaluation_windows(data.tokenize(tokenizer, ev), bos, job.seq_len, job.eval_tokens,
+                                               ev.name)
+    return batches, eval_windows, {"corpus": corpus.name, "calib_tokens_sha256": data.token_hash(windows),
+                                   "eval_tokens_sha256": eval_windows is not None and data.token_hash(eval_windows)}
+
+
+def _ppl(model, windows, job):
+    if windows is None:
+        return None
+    return perplexity(model, windows, corpus=job.data, batch_size=job.batch_size, progress=job.progress)
+
+
+def _graph_check(model, inputs) -> float:
+    """The compressed model must still capture, and its graph must match it (raises otherwise)."""
+    from .capture import check_capture
+    return check_capture(model, capture(model, inputs, check=False), inputs)
+
+
+def _widths(analysis, model, reports) -> dict:
+    out = {}
+    for r in reports:
+        out.update(r.get("widths", {}))
+    return out
+
+
+def _versions() -> dict:
+    names = ["torch", "transformers", "pot", "onnx", "onnxruntime"]
+    versions = {}
+    for n in names:
+        try:
+            versions[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,124 @@
+"""Save a compressed model and load it back (DESIGN §6). Never pickles; writes atomically.
+
+Every output directory holds `model.safetensors` and `resize_plan.json`: the plan names the source model spec
+and every parameter's new shape, so `load(dir)` replays it on a fresh copy of the source. When the result is a
+stock architecture the directory is also a Hugging Face checkpoint (`from_pretrained` loads it directly).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .cache import atomic_dir
+from .errors import DotResizeError
+from .rewrite import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, _update_module_attrs
+
+PLAN_FILE = "resize_plan.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+_COUNT_ATTRS = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ("num_key_value_groups",)
+
+
+def check_output_dir(out: Path, source: str, overwrite: bool) -> None:
+    out = Path(out).resolve()
+    src = Path(source)
+    if src.exists():
+        src_dir = (src if src.is_dir() else src.parent).resolve()
+        if out == src_dir or src_dir in out.parents:
+            raise DotResizeError(f"--out {out} is inside the input model's directory {src_dir}: "
+                                 "choose another directory (the input is never written to)")
+    if out.exists() and not overwrite:
+        raise DotResizeError(f"output directory {out} exists: pass --overwrite or choose another --out")
+
+
+def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None, stock: bool = False,
+         report: dict | None = None, overwrite: bool = False) -> Path:
+    out = Path(out)
+    check_output_dir(out, source, overwrite)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        stock = stock and hasattr(model, "save_pretrained")
+        if stock:
+            model.save_pretrained(tmp)  # config.json + model.safetensors
+        else:
+            save_model(model, str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PLAN_FILE).write_text(json.dumps(_plan(model, source, stock), indent=1))
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return out
+
+
+def _plan(model, source: str, stock: bool) -> dict:
+    src = Path(source)
+    config = getattr(model, "config", None)
+    attrs = {}
+    for name, mod in model.named_modules():
+        found = {a: getattr(mod, a) for a in _COUNT_ATTRS if isinstance(getattr(mod, a, None), int)}
+        if found:
+            attrs[name] = found
+    return {"format": FORMAT, "source": str(src.resolve()) if src.exists() else source, "stock": stock,
+            "weights": WEIGHTS,
+            "shapes": {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
+            "tied": _tied(model), "module_attrs": attrs,
+            "config": config.to_diff_dict() if config is not None else None}
+
+
+def _tied(model) -> list[list[str]]:
+    by_id = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return [v for v in by_id.values() if len(v) > 1]
+
+
+def load_compressed(path: str | Path):
+    """Replay a resize plan on a fresh copy of its source model, then load the saved weights."""
+    from .load import Loaded, load
+    path = Path(path)
+    try:
+        plan = json.loads((path / PLAN_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise DotResizeError(f"{path / PLAN_FILE} is unreadable ({e}): the directory is not a complete "
+                             "dotresize_fx output; compress again") from e
+    if plan.get("format") != FORMAT:
+        raise DotResizeError(f"{path / PLAN_FILE} has format {plan.get('format')}, this version reads {FORMAT}")
+    source = load(plan["source"])
+    model = source.model
+    tied = {n: group for group in plan["tied"] for n in group}
+    made = {}
+    for name, shape in plan["shapes"].items():
+        module, _, attr = name.rpartition(".")
+        key = tied.get(name, [name])[0]
+        if key not in made:
+            made[key] = torch.nn.Parameter(torch.empty(shape), requires_grad=False)
+        setattr(model.get_submodule(module), attr, made[key])
+    weights = path / plan["weights"]
+    if not weights.is_file():
+        raise DotResizeError(f"{weights} is missing: the directory is incomplete; compress again")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as e:
+        raise DotResizeError(f"{weights} is corrupt or does not match its plan ({e}); compress again") from e
+    aliases = {n for g in plan["tied"] for n in g[1:]}
+    if unexpected or set(missing) - aliases - _buffers(model):
+        raise DotResizeError(f"{weights} does not match its plan: missing {sorted(set(missing) - aliases)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    _update_module_attrs(model, None, {})
+    for module, values in plan["module_attrs"].items():
+        mod = model.get_submodule(module) if module else model
+        for attr, value in values.items():
+            setattr(mod, attr, value)
+    config = getattr(model, "config", None)
+    if config is not None and plan.get("config"):
+        for key, value in plan["config"].items():
+            if not isinstance(value, dict):
+                setattr(config, key, value)
+    tokenizer = source.tokenizer
+    return Loaded(model.eval(), tokenizer, source.example_inputs)
+
+
+def _buffers(model) -> set[str]:
+    return {n for n, _ in model.named_buffers()}

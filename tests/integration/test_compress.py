@@ -1,0 +1,95 @@
+"""compress on tiny models end to end: passes, save, reload (stock HF and plan replay), bad input."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from dotresize_fx.cli import main
+from dotresize_fx.compress import Job, PassSpec, run
+from dotresize_fx.load import load
+
+FACTORY = str(Path(__file__).resolve().parents[1] / "models.py")
+
+
+def _checksum(model):
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _job(spec, passes, tmp_path, **kw):
+    return Job(f"{FACTORY}:{spec}", PassSpec.parse(passes), data="random", calib_samples=4,
+               out=str(tmp_path / "out"), progress=False, **kw)
+
+
+@pytest.mark.parametrize("passes", ["prune:mlp=0.25,heads=0.5,residual=0.25",
+                                    "prune:mlp=0.25,unmerge=ls",
+                                    "dotresize:mlp=0.25,residual=0.25,heads=0.5",
+                                    "dotresize:mlp=0.25,marginals=uniform,unmerge=ot",
+                                    "prune:mlp=0.25 dotresize:mlp=0.25",
+                                    "pca:residual=0.25"])
+def test_llama_compress_saves_stock_checkpoint_that_reloads(passes, tmp_path):
+    from transformers import AutoModelForCausalLM
+    report = run(_job("llama", passes, tmp_path))
+    assert report["nonembed_params_after"] < report["nonembed_params_before"]
+    model = report["_model"]
+    ids = models._ids()[0]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    replayed = load(tmp_path / "out").model
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(stock(ids).logits, want)
+        assert torch.equal(replayed(ids).logits, want)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["widths"] == report["widths"]
+
+
+def test_mlp_quarter_gives_intermediate_size_and_probe_change(tmp_path):
+    report = run(_job("llama", "prune:mlp=0.25", tmp_path))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["intermediate_size"] == 72
+    assert report["passes"][0]["probe_max_abs_diff"] > 0
+
+
+def test_residual_reduction_saves_llama_config_with_head_dim(tmp_path):
+    run(_job("llama", "prune:residual=0.25", tmp_path))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["hidden_size"] == 48 and cfg["head_dim"] == 16 and cfg["tie_word_embeddings"] is False
+
+
+def test_non_hf_factory_replays_from_plan(tmp_path):
+    report = run(_job("nanogpt", "prune:mlp=0.5", tmp_path))
+    assert not (tmp_path / "out" / "config.json").exists()
+    replayed = load(tmp_path / "out").model
+    ids = models._ids()[0]
+    with torch.no_grad():
+        assert torch.equal(replayed(ids), report["_model"](ids))
+
+
+def test_input_model_is_not_modified(tmp_path):
+    model, _ = models.llama()
+    before = _checksum(model)
+    run(_job("llama", "dotresize:mlp=0.5,residual=0.25", tmp_path))
+    assert _checksum(models.llama()[0]) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mlp", "1.5"], "must be in [0, 1)"),
+    (["--residual", "0.2", "--model-spec", "bert"], "not resizable"),
+])
+def test_bad_fractions_and_groups(args, message, tmp_path, capsys):
+    spec = "bert" if "--model-spec" in args else "llama"
+    args = [a for a in args if a not in ("--model-spec", "bert")]
+    rc = main(["compress", f"{FACTORY}:{spec}", "--method", "prune", *args, "--data", "random",
+               "--calib-samples", "2", "--out", str(tmp_path / "o")])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_existing_output_is_refused(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    rc = main(["compress", f"{FACTORY}:llama", "--method", "prune", "--mlp", "0.25", "--data", "random",
+               "--calib-samples", "2", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
