@@ -100,7 +100,7 @@ def cmd_compress(args) -> dict:
                 options[key] = getattr(args, key)
         specs = [PassSpec(args.method, options)]
     job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
-              eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite)
+              eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx)
     report = public(run(job))
     _print_summary(report)
     return report
@@ -150,6 +150,30 @@ def _print_summary(r: dict) -> None:
           f"peak RSS {r['peak_rss_mb']:.0f} MB")
     if r.get("out"):
         print(f"saved to {r['out']}")
+    if r.get("onnx"):
+        o = r["onnx"]
+        line = f"ONNX {o['path']}: max |logits ORT - torch| {o['max_abs_diff']:.2g}"
+        if "ppl_ort" in o:
+            line += f", perplexity ORT {o['ppl_ort']:.3f} / torch {o['ppl_torch']:.3f}"
+        if "latency_ratio" in o:
+            line += f", latency compressed/dense {o['latency_ratio']:.2f}"
+        print(line)
+
+
+def cmd_export(args) -> dict:
+    from .export import check, to_onnx, validate
+    from .load import load
+    from .save import PLAN_FILE
+    source = Path(args.model)
+    if source.is_dir() and not (source / PLAN_FILE).is_file() and not (source / "config.json").is_file():
+        raise DotResizeError(f"{source} is not a model directory (no {PLAN_FILE} or config.json): give the --out "
+                             "directory of 'dotresize-fx compress'")
+    model, _, inputs = load(args.model)
+    path = to_onnx(model, inputs, Path(args.out))
+    result = validate(model, path, None, inputs)
+    print(f"wrote {path}; max |logits ORT - torch| {result['max_abs_diff']:.2g} on the example inputs")
+    check(result)
+    return result
 
 
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
@@ -200,7 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_protocol(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx and validate it under onnxruntime")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="export a model (e.g. a compressed directory) to ONNX and check parity")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--json", help="write the parity result here")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

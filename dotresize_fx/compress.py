@@ -71,6 +71,7 @@ class Job:
     overwrite: bool = False
     evaluate: bool = True
     progress: bool = True
+    onnx: bool = False
 
 
 def run(job: Job) -> dict:
@@ -135,7 +136,24 @@ def run(job: Job) -> dict:
         save(current, job.out, source=job.model, tokenizer=tokenizer, stock=stock,
              report=public(report), overwrite=job.overwrite)
         report["out"] = job.out
+        if job.onnx:
+            _export_and_validate(job, report, current, model, inputs, eval_windows)
     return report
+
+
+def _export_and_validate(job, report, compressed, dense, inputs, windows) -> None:
+    import json
+    from .export import check, to_onnx, validate
+    t = time.perf_counter()
+    path = to_onnx(compressed, inputs, Path(job.out) / "model.onnx")
+    vocab = getattr(getattr(dense, "config", None), "vocab_size", None)
+    report["onnx"] = validate(compressed, path, windows, inputs, dense_model=dense, vocab=vocab, corpus=job.data,
+                              latency_shapes=((1, job.seq_len), (8, job.seq_len)))
+    report["timing"]["onnx_s"] = time.perf_counter() - t
+    tmp = Path(job.out) / ".report.json.tmp"
+    tmp.write_text(json.dumps(public(report), indent=2, default=str))
+    tmp.replace(Path(job.out) / "report.json")
+    check(report["onnx"])
 
 
 def public(report: dict) -> dict:

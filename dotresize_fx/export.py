@@ -1,0 +1,125 @@
+"""ONNX export (torch.onnx, dynamo) and validation under onnxruntime (DESIGN §6)."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DotResizeError
+from .load import model_outputs
+
+log = logging.getLogger(__name__)
+
+PARITY_TOL = 1e-3
+PPL_REL_TOL = 0.005
+
+
+class _Logits(torch.nn.Module):
+    """input_ids → logits, so the ONNX graph has one named input and one output whatever the model returns."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return model_outputs(self.model, (input_ids,))
+
+
+def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path) -> Path:
+    """Export with dynamic batch and sequence; the file is written beside a temporary name, then renamed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DotResizeError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp.onnx")
+    ids = example_inputs[0]
+    dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} if not ids.is_floating_point() else {0: torch.export.Dim.AUTO}
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(_Logits(model).eval(), (ids,), dynamo=True, input_names=["input_ids"],
+                                        output_names=["logits"], dynamic_shapes=({**dims},), verbose=False)
+        program.save(str(tmp), external_data=False)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise DotResizeError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    tmp.replace(path)
+    return path
+
+
+def session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise DotResizeError(f"onnxruntime cannot load {path}: {e}") from e
+
+
+def ort_forward(sess):
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy().astype(np.int64)})[0])
+    return forward
+
+
+def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    """max |logits_ORT − logits_torch| over the given id batches (use two shapes: dynamic dims are checked)."""
+    worst = 0.0
+    fwd = ort_forward(sess)
+    with torch.no_grad():
+        for ids in batches:
+            worst = max(worst, (fwd(ids) - model_outputs(model, (ids,))).abs().max().item())
+    return worst
+
+
+def latency(sess, batch: int, seq: int, vocab: int, repeats: int = 5) -> float:
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
+    sess.run(["logits"], {"input_ids": ids})  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(["logits"], {"input_ids": ids})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | None, example_inputs: tuple, *,
+             dense_model: torch.nn.Module | None = None, vocab: int | None = None, corpus: str = "",
+             latency_shapes=((1, 512), (8, 512)), threads: int = 2) -> dict:
+    """Parity, perplexity under ORT vs torch, and latency compressed/dense (a dense ONNX is exported to compare)."""
+    from .evaluate import perplexity
+    sess = session(onnx_path, threads)
+    probe = [example_inputs[0]]
+    if windows is not None:
+        probe += [windows[:2, : windows.shape[1] // 2]]  # a second (batch, seq): dynamic dims are exercised
+    result = {"path": str(onnx_path), "max_abs_diff": parity(sess, model, probe), "tolerance": PARITY_TOL}
+    if windows is not None:
+        ppl_t = perplexity(model, windows, corpus=corpus, progress=False)["ppl"]
+        ppl_o = perplexity(ort_forward(sess), windows, corpus=corpus, progress=False)["ppl"]
+        result.update(ppl_torch=ppl_t, ppl_ort=ppl_o, ppl_rel_diff=abs(ppl_o - ppl_t) / ppl_t)
+    if dense_model is not None and vocab:
+        dense_path = onnx_path.with_name(".dense-for-latency.onnx")
+        try:
+            to_onnx(dense_model, example_inputs, dense_path)
+            dense = session(dense_path, threads)
+            lat = {f"{b}x{s}": (latency(sess, b, s, vocab), latency(dense, b, s, vocab)) for b, s in latency_shapes}
+        finally:
+            dense_path.unlink(missing_ok=True)
+        result["latency_s"] = {k: {"compressed": c, "dense": d} for k, (c, d) in lat.items()}
+        result["latency_ratio"] = lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][0] / \
+            lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][1]
+        result["latency_threads"] = threads
+    return result
+
+
+def check(result: dict) -> None:
+    """Raise with the margin when a validation misses its tolerance."""
+    if result["max_abs_diff"] > PARITY_TOL:
+        raise DotResizeError(f"onnxruntime logits differ from torch by {result['max_abs_diff']:.3g} "
+                             f"(tolerance {PARITY_TOL}): the ONNX file is not faithful; report it with --debug")
+    if result.get("ppl_rel_diff", 0) > PPL_REL_TOL:
+        raise DotResizeError(f"perplexity under onnxruntime {result['ppl_ort']:.3f} vs torch {result['ppl_torch']:.3f} "
+                             f"({100 * result['ppl_rel_diff']:.2f}% > {100 * PPL_REL_TOL}%)")
