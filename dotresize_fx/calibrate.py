@@ -87,3 +87,136 @@ def _observed_consumer(group: WidthGroup):
         if (m.length or n_ch) == n_ch:
             return m
     raise ValueError(f"{group.name} has no consumer that reads the whole width")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer by layer: the model's repeated blocks, and a runner that feeds calibration inputs through them.
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the block inputs it needs are recorded."""
+
+
+def block_list(model: torch.nn.Module, analysis: Analysis, batches) -> tuple[str, torch.nn.ModuleList] | None:
+    """The ModuleList whose entries hold the most width groups, if its blocks chain (output l = input l+1).
+
+    Models that add the residual outside their blocks (`x = x + block(x)`) do not chain; they are calibrated
+    in one pass instead (None).
+    """
+    best, count = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) >= 2:
+            n = sum(block_of(g, name) is not None for g in analysis.groups)
+            if n > count:
+                best, count = (name, mod), n
+    if best is None or not _chains(model, best[1], batches[0]):
+        return None
+    return best
+
+
+def block_of(group: WidthGroup, prefix: str) -> int | None:
+    """Index of the block (in ModuleList `prefix`) that holds every member of the group, else None."""
+    found = set()
+    for m in group.members:
+        rest = (m.module or m.param).removeprefix(prefix + ".") if prefix else m.module or m.param
+        if rest == (m.module or m.param) and prefix:
+            return None
+        head = rest.split(".", 1)[0]
+        if not head.isdigit():
+            return None
+        found.add(int(head))
+    return found.pop() if len(found) == 1 else None
+
+
+def _chains(model, blocks, batch) -> bool:
+    seen = []
+
+    def grab(_m, args, kwargs):
+        seen.append((args, kwargs))
+        if len(seen) == 2:
+            raise _Stop
+    hooks = [blocks[i].register_forward_pre_hook(grab, with_kwargs=True) for i in (0, 1)]
+    try:
+        with torch.inference_mode():
+            model_outputs(model, batch)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(seen) < 2:
+        return False
+    with torch.inference_mode():
+        out = _hidden(blocks[0](*seen[0][0], **seen[0][1]))
+        nxt = _hidden_in(*seen[1])
+    return isinstance(out, torch.Tensor) and out.shape == nxt.shape and torch.allclose(out, nxt, atol=1e-5)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _hidden_in(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class BlockRunner:
+    """Holds the inputs of one block for every calibration batch and moves them through the blocks."""
+
+    def __init__(self, model: torch.nn.Module, blocks: torch.nn.ModuleList, batches):
+        self.model, self.blocks = model, blocks
+        self.inputs: list[tuple[tuple, dict]] = []
+        self.forward_s = 0.0
+
+        def grab(_m, args, kwargs):
+            self.inputs.append((args, kwargs))
+            raise _Stop
+        hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    try:
+                        model_outputs(model, batch)
+                    except _Stop:
+                        pass
+        finally:
+            hook.remove()
+        self.forward_s += time.perf_counter() - t0
+
+    def run(self, b: int, on_output=None) -> None:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i, (args, kwargs) in enumerate(self.inputs):
+                out = _hidden(self.blocks[b](*args, **kwargs))
+                if on_output is not None:
+                    on_output(i, out)
+        self.forward_s += time.perf_counter() - t0
+
+    def collect(self, analysis: Analysis, names: list[str], b: int | None = None) -> dict[str, Stats]:
+        """Statistics of `names` (groups inside one block) on the current inputs of that block."""
+        b = b if b is not None else self._block_index(analysis, names)
+        cal = Calibration()
+        hooks = []
+        try:
+            for name in names:
+                hooks += _install(self.model, analysis.group(name), cal)
+            self.run(b)
+        finally:
+            for h in hooks:
+                h.remove()
+        return cal.stats
+
+    def _block_index(self, analysis, names) -> int:
+        prefix = next(n for n, m in self.model.named_modules() if m is self.blocks)
+        return block_of(analysis.group(names[0]), prefix)
+
+    def advance(self, b: int) -> None:
+        """Replace the stored inputs by block b's outputs: the inputs of block b+1."""
+        def store(i, out):
+            args, kwargs = self.inputs[i]
+            if args:
+                self.inputs[i] = ((out, *args[1:]), kwargs)
+            else:
+                self.inputs[i] = (args, {**kwargs, "hidden_states": out})
+        self.run(b, store)

@@ -158,6 +158,13 @@ def _print_summary(r: dict) -> None:
         if "latency_ratio" in o:
             line += f", latency compressed/dense {o['latency_ratio']:.2f}"
         print(line)
+    if r.get("quantized"):
+        q = r["quantized"]
+        line = (f"int8 {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
+                f"{q['size_mb_before']:.1f} MB -> {q['size_mb_after']:.1f} MB")
+        if "ppl_ort" in q:
+            line += f", perplexity ORT {q['ppl_ort']:.3f}"
+        print(line)
 
 
 def cmd_export(args) -> dict:
@@ -176,6 +183,34 @@ def cmd_export(args) -> dict:
     return result
 
 
+DEMO_PASSES = "dotresize:mlp=0.25 quantize:int8"
+
+
+def cmd_demo(args) -> dict:
+    """The main job on the embedded default: compress, evaluate, export, validate, quantize, one table."""
+    from .compress import Job, PassSpec, public, run
+    job = Job("smollm2-135m", PassSpec.parse(args.passes), data="sotu", calib_samples=args.calib_samples,
+              seq_len=args.seq_len, eval_tokens=args.eval_tokens, out=args.out, overwrite=True, onnx=True)
+    print(f"DOTResize demo on SmolLM2-135M: passes '{args.passes}', SOTU (calibration: addresses before 2000, "
+          f"evaluation: 2000 on), windows of {args.seq_len}, {args.eval_tokens} evaluation tokens")
+    r = public(run(job))
+    o, q = r["onnx"], r["quantized"]
+    dense_mb = r["params_before"] * 4 / 2**20
+    rows = [("", "dense", "compressed", "compressed int8"),
+            ("parameters", f"{r['params_before'] / 1e6:.1f}M", f"{r['params_after'] / 1e6:.1f}M", "same (int8)"),
+            ("non-embedding", f"{r['nonembed_params_before'] / 1e6:.1f}M", f"{r['nonembed_params_after'] / 1e6:.1f}M", ""),
+            ("size on disk", f"{dense_mb:.0f} MB (fp32)", f"{o['size_mb']:.0f} MB (ONNX)", f"{q['size_mb_after']:.0f} MB (ONNX)"),
+            ("perplexity torch", f"{r['ppl_before']:.2f}", f"{r['ppl_after']:.2f}", ""),
+            ("perplexity ORT", "", f"{o['ppl_ort']:.2f}", f"{q['ppl_ort']:.2f}"),
+            ("latency 8x{} ORT".format(args.seq_len), "1.00", f"{o['latency_ratio']:.2f}", "")]
+    print()
+    for row in rows:
+        print(f"{row[0]:<20}{row[1]:>16}{row[2]:>18}{row[3]:>18}")
+    print(f"\nONNX parity max |logits ORT - torch| {o['max_abs_diff']:.2g} (tolerance {o['tolerance']}); "
+          f"total {r['timing']['total_s']:.0f} s; outputs in {args.out}")
+    return r
+
+
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sotu", help="text: sotu | file.txt | folder | hf:NAME[:CONFIG]:SPLIT | random")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, BOS included (default 512)")
@@ -191,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="fetch the embedded model and corpus into the cache")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default (compress, evaluate, export, validate)")
+    p.add_argument("--passes", default=DEMO_PASSES)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--json", help="write the report here too")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="perplexity of a model (DESIGN §7 protocol)")
     p.add_argument("model")

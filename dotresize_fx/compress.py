@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data
 from .analyze import analyze
@@ -41,6 +42,9 @@ class PassSpec:
             options = {}
             for kv in filter(None, opts.split(",")):
                 key, eq, value = kv.partition("=")
+                if not eq and method == "quantize":
+                    options["scheme"] = key
+                    continue
                 if not eq:
                     raise DotResizeError(f"--passes {item!r}: options are key=value, got {kv!r}")
                 options[key] = _number(value)
@@ -72,11 +76,17 @@ class Job:
     evaluate: bool = True
     progress: bool = True
     onnx: bool = False
+    layerwise: bool = True
 
 
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
     from passes import build_pass
+    quantize = [s for s in job.passes if s.method == "quantize"]
+    job.passes = [s for s in job.passes if s.method != "quantize"]
+    job.onnx = job.onnx or bool(quantize)
+    if job.onnx and not job.out:
+        raise DotResizeError("ONNX export and quantization write files: give --out")
     t_start = time.perf_counter()
     timing = {}
     if job.out:
@@ -98,13 +108,18 @@ def run(job: Job) -> dict:
         if spec.method == "prune" and i + 1 < len(job.passes) and job.passes[i + 1].method == "dotresize":
             # "prune → dotresize": the pruning decides who stays, OT decides where the rest goes
             spec = PassSpec("prune", {**spec.options, "select_only": True})
-        if calibration is None or current is not model:
-            # statistics are shared by consecutive passes on the same model; a changed model recalibrates
-            groups = [g.name for g in analysis.groups if g.resizable and g.kind in ("mlp", "heads", "residual")]
+        if calibration is None:
+            # layerwise passes calibrate blocks themselves; the whole-model pass covers what spans blocks
+            kinds = ("residual",) if job.layerwise else ("mlp", "heads", "residual")
+            groups = [g.name for g in analysis.groups if g.resizable and g.kind in kinds]
             calibration = collect_stats(current, analysis, calib, groups, progress=job.progress)
             calib_forward_s += calibration.forward_s
-        the_pass = build_pass(spec, analysis, calibration, inputs, previous=pass_reports)
+        bar = tqdm(desc=f"{spec.method} layer by layer", unit="block", disable=not job.progress, leave=False)
+        the_pass = build_pass(spec, analysis, calibration, inputs, previous=pass_reports,
+                              batches=calib if job.layerwise else None, progress=_bar_update(bar))
         result = the_pass(current)
+        bar.close()
+        calib_forward_s += the_pass.report.get("calib_forward_s", 0.0)
         current = result.graph_module
         pass_reports.append({"method": spec.method, "options": spec.options, **the_pass.report,
                              "_pass": the_pass})
@@ -137,11 +152,11 @@ def run(job: Job) -> dict:
              report=public(report), overwrite=job.overwrite)
         report["out"] = job.out
         if job.onnx:
-            _export_and_validate(job, report, current, model, inputs, eval_windows)
+            _export_and_validate(job, report, current, model, inputs, eval_windows, quantize)
     return report
 
 
-def _export_and_validate(job, report, compressed, dense, inputs, windows) -> None:
+def _export_and_validate(job, report, compressed, dense, inputs, windows, quantize) -> None:
     import json
     from .export import check, to_onnx, validate
     t = time.perf_counter()
@@ -149,11 +164,30 @@ def _export_and_validate(job, report, compressed, dense, inputs, windows) -> Non
     vocab = getattr(getattr(dense, "config", None), "vocab_size", None)
     report["onnx"] = validate(compressed, path, windows, inputs, dense_model=dense, vocab=vocab, corpus=job.data,
                               latency_shapes=((1, job.seq_len), (8, job.seq_len)))
+    report["onnx"]["size_mb"] = path.stat().st_size / 2**20
     report["timing"]["onnx_s"] = time.perf_counter() - t
+    for spec in quantize:
+        from passes.quantize import QuantizeConfig, quantize_onnx
+        q = quantize_onnx(path, path.with_name("model.int8.onnx"), QuantizeConfig(**spec.options))
+        if windows is not None:
+            from .evaluate import perplexity
+            from .export import ort_forward, session
+            q["ppl_ort"] = perplexity(ort_forward(session(q["path"])), windows, corpus=job.data,
+                                      progress=False)["ppl"]
+            q["ppl_change"] = q["ppl_ort"] - report["onnx"]["ppl_ort"]
+        report["quantized"] = q
     tmp = Path(job.out) / ".report.json.tmp"
     tmp.write_text(json.dumps(public(report), indent=2, default=str))
     tmp.replace(Path(job.out) / "report.json")
     check(report["onnx"])
+
+
+def _bar_update(bar):
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
 
 
 def public(report: dict) -> dict:

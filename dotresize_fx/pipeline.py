@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+import copy
+
 from .analyze import Analysis, WidthGroup
-from .calibrate import Calibration
+from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of
 from .errors import DotResizeError
 from .load import model_outputs
-from .rewrite import WidthMap, apply
+from .rewrite import WidthMap, apply, finalize
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +85,122 @@ def probe_diff(before: torch.nn.Module, after: torch.nn.Module, probe: tuple) ->
 
 
 class WidthPass(PassBase):
-    """Base of prune / dotresize / pca: `maps()` is the method; rewriting and checking are shared."""
+    """Base of prune / dotresize / pca: `group_map()` is the method; planning, order and rewriting are shared.
+
+    With calibration `batches`, groups inside the model's blocks are calibrated and resized layer by layer:
+    block l's statistics come from inputs produced by the already resized blocks < l (DESIGN §5.6), and only
+    one block's statistics are in memory. Groups that span blocks (the residual stream) go first, from
+    statistics of the whole model (`calibration`).
+    """
 
     name = "width"
 
-    def __init__(self, analysis: Analysis, calibration: Calibration | None, probe: tuple):
+    def __init__(self, analysis: Analysis, calibration: Calibration | None, probe: tuple, batches=None,
+                 progress=None):
         super().__init__()
-        self.analysis, self.calibration, self.probe = analysis, calibration, probe
+        self.analysis, self.calibration, self.probe, self.batches = analysis, calibration, probe, batches
+        self.progress = progress
         self.report: dict = {}
 
-    def maps(self, model: torch.nn.Module) -> dict[str, WidthMap]:
+    targets: Targets
+
+    def group_map(self, model: torch.nn.Module, g: WidthGroup, m: int, kv_after: int | None,
+                  stats: Stats | None) -> WidthMap:
         raise NotImplementedError
 
+    def refines(self, g: WidthGroup) -> bool:
+        """Whether the group's consumers are refitted on real activations (layerwise `ls`)."""
+        return False
+
+    ls_reg: float = 1e-4
+
+    def refine(self, model, g: WidthGroup, w: WidthMap, runner: BlockRunner, block: int,
+               target: list[torch.Tensor] | None) -> WidthMap:
+        if not self.refines(g):
+            return w
+        return refine_unmerge(model, self.analysis, g, w, runner, block, self.ls_reg, target)
+
+    def emit(self, maps: dict[str, WidthMap]) -> dict[str, WidthMap]:
+        """The maps to apply (a pass that only chooses, like prune before dotresize, applies none)."""
+        return maps
+
     def call(self, model: torch.nn.Module) -> PassResult:
-        maps = self.maps(model)
-        if not maps:
+        plan = plan_widths(self.analysis, self.targets)
+        self.report["rounding"] = plan.rounding
+        if not plan.widths:
             return PassResult(model, False)
-        new, rewrite = apply(model, self.analysis, maps)
+        stats = self.calibration.stats if self.calibration is not None else {}
+        new = copy.deepcopy(model)
+        blocks = block_list(new, self.analysis, self.batches) if self.batches is not None else None
+        if blocks is None:
+            maps = {name: self.group_map(new, self.analysis.group(name), m, kv, stats.get(name))
+                    for name, (m, kv) in plan.widths.items()}
+            maps = self.emit(maps)
+            if not maps:
+                return PassResult(model, False)
+            _, rewrite = apply(new, self.analysis, maps, inplace=True)
+        else:
+            maps, rewrite = self._layerwise(model, new, plan, stats, blocks)
+            if not maps:
+                return PassResult(model, False)
         self.report.update(widths=rewrite.widths, untied=rewrite.untied, config=rewrite.config,
-                           stock=rewrite.stock, notes=rewrite.notes,
+                           stock=rewrite.stock, notes=rewrite.notes, layerwise=blocks is not None,
                            probe_max_abs_diff=probe_diff(model, new, self.probe))  # measured, not asserted: lossy
         return PassResult(new, True)
+
+    def _layerwise(self, model, new, plan: WidthPlan, stats, blocks):
+        prefix, modules = blocks
+        inside = {name: block_of(self.analysis.group(name), prefix) for name in plan.widths}
+        maps = {name: self.group_map(new, self.analysis.group(name), m, kv, stats.get(name))
+                for name, (m, kv) in plan.widths.items() if inside[name] is None}
+        maps = self.emit(maps)
+        untied, notes = [], []
+        if maps:
+            _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
+            untied, notes = first.untied, first.notes
+        runner = BlockRunner(new, modules, self.batches)
+        refined = [n for n in plan.widths if inside[n] is not None and self.refines(self.analysis.group(n))]
+        dense = BlockRunner(model, model.get_submodule(prefix), self.batches) if refined else None
+        for b in range(len(modules)):
+            names = [n for n in plan.widths if inside[n] == b]
+            targets = dense_targets(model, self.analysis, [n for n in refined if inside[n] == b], dense, b) \
+                if dense else {}
+            if names:
+                block_stats = runner.collect(self.analysis, names)
+                block_maps = {}
+                for n in names:
+                    g = self.analysis.group(n)
+                    m, kv = plan.widths[n]
+                    block_maps[n] = self.refine(new, g, self.group_map(new, g, m, kv, block_stats[n]), runner, b,
+                                                targets.get(n))
+                block_maps = self.emit(block_maps)
+                if block_maps:
+                    apply(new, self.analysis, block_maps, inplace=True, finalize=False)
+                    maps.update(block_maps)
+            runner.advance(b)
+            if self.progress:
+                self.progress(b + 1, len(modules))
+        self.report["calib_forward_s"] = runner.forward_s + (dense.forward_s if dense else 0.0)
+        rewrite = finalize(new, self.analysis, maps)
+        rewrite.untied, rewrite.notes = untied, notes + rewrite.notes
+        return maps, rewrite
+
+
+def dense_targets(model, analysis: Analysis, names: list[str], dense: BlockRunner, b: int) -> dict:
+    """Consumer inputs of the dense model's block b for each group (per batch), and advance the dense runner."""
+    from .calibrate import _observed_consumer
+    found = {n: [] for n in names}
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(_observed_consumer(analysis.group(n)).module)
+        hooks.append(mod.register_forward_pre_hook(
+            lambda _m, args, n=n: found[n].append(args[0].reshape(-1, args[0].shape[-1]))))
+    try:
+        dense.advance(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4) -> torch.Tensor:
@@ -143,3 +240,50 @@ def keep_heads(g: WidthGroup, scores: torch.Tensor, m: int, kv_after: int) -> tu
         r = m // kv
         q_keep = torch.cat([k * rep + per[k].topk(r).indices.sort().values for k in range(kv)])
     return q_keep, kv_keep
+
+
+def refine_unmerge(model, analysis: Analysis, g: WidthGroup, w: WidthMap, runner: BlockRunner, block: int,
+                   reg: float, target: list[torch.Tensor] | None = None) -> WidthMap:
+    """U = (h'ᵀh' + λI)⁻¹ h'ᵀh from the block's real activations (streamed per batch).
+
+    h' is the consumer's input once the producers are merged (for an MLP, through the nonlinearity); h is
+    the dense model's consumer input on the dense model's own hidden states (`target`), so the fit also
+    corrects the error that earlier resized blocks left, or, without a target, the original producers'
+    output on the current inputs.
+    """
+    from .calibrate import _observed_consumer
+    consumer = _observed_consumer(g)
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(consumer.module).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    saved = {site: getattr(model.get_submodule(site[0]), site[1]) for site in _sites(model, g)}
+    try:
+        if target is None:
+            runner.run(block)                               # h: original producers, current inputs
+            target = captured[:]
+            captured.clear()
+        apply(model, analysis, {g.name: w}, inplace=True, finalize=False)
+        runner.run(block)                                   # h': merged producers
+    finally:
+        hook.remove()
+        for (module, attr), p in saved.items():             # back to the original weights: the pass applies
+            setattr(model.get_submodule(module), attr, p)
+    n_out = captured[0].shape[-1]
+    A = torch.zeros(n_out, n_out, dtype=torch.float64)
+    B = torch.zeros(n_out, target[0].shape[-1], dtype=torch.float64)
+    for h, h2 in zip(target, captured):
+        h, h2 = h.double(), h2.double()
+        A += h2.T @ h2
+        B += h2.T @ h
+    lam = reg * A.diagonal().mean().clamp_min(1e-12)
+    U = torch.linalg.solve(A + lam * torch.eye(n_out, dtype=A.dtype), B)
+    if g.unit == 1:
+        w.unmerge = U
+    else:
+        w.unmerge_channels = U
+    return w
+
+
+def _sites(model, g: WidthGroup) -> set[tuple[str, str]]:
+    from .rewrite import _owner
+    return {_owner(model, m) for m in g.members}

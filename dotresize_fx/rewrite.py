@@ -85,8 +85,10 @@ class RewriteReport:
 
 
 def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap], *,
-          inplace: bool = False) -> tuple[torch.nn.Module, RewriteReport]:
-    """Return a resized copy of `model` (the input is never modified unless `inplace`)."""
+          inplace: bool = False, finalize: bool = True):
+    """Return a resized copy of `model` and a report (the input is never modified unless `inplace`, then
+    only the report). `finalize=False` leaves module attributes and config for a later `finalize()` call,
+    when a pass resizes groups in several steps."""
     model = model if inplace else copy.deepcopy(model)
     report = RewriteReport()
     sites: dict[tuple[str, str], list] = defaultdict(list)  # (module, attr) → [(dim, offset, length, A)]
@@ -109,9 +111,22 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
         dtype = getattr(mod, attr).dtype
         setattr(mod, attr, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
     report.untied = _untied(model, ids_before)
+    if finalize:
+        _finalize(model, analysis, maps, report)
+    return model, report
+
+
+def finalize(model, analysis: Analysis, maps: dict[str, WidthMap]) -> RewriteReport:
+    """Module attributes and HF config for all `maps` applied so far."""
+    report = RewriteReport(widths={n: w.m for n, w in maps.items()})
+    report.untied = _untied(model, {})
+    _finalize(model, analysis, maps, report)
+    return report
+
+
+def _finalize(model, analysis, maps, report) -> None:
     _update_module_attrs(model, analysis, maps)
     _update_config(model, analysis, maps, report)
-    return model, report
 
 
 def _check_map(group: WidthGroup, w: WidthMap) -> None:

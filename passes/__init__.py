@@ -7,20 +7,21 @@ from dotresize_fx.pipeline import Targets
 _TARGET_KEYS = ("mlp", "heads", "residual", "round_to")
 
 
-def build_pass(spec, analysis, calibration, probe, previous=()):
+def build_pass(spec, analysis, calibration, probe, previous=(), batches=None, progress=None):
     opts = dict(spec.options)
     targets = Targets(**{k: opts.pop(k) for k in _TARGET_KEYS if k in opts})
     try:
         if spec.method == "prune":
             from .prune import PruneConfig, PrunePass
-            return PrunePass(PruneConfig(targets=targets, **opts), analysis, calibration, probe)
+            return PrunePass(PruneConfig(targets=targets, **opts), analysis, calibration, probe, batches, progress)
         if spec.method == "dotresize":
             from .dotresize import DotResizeConfig, DotResizePass
             kept = _kept_by_prune(previous)
-            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, kept)
+            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, kept, batches,
+                                 progress)
         if spec.method == "pca":
             from .pca import PCAConfig, PCAPass
-            return PCAPass(PCAConfig(targets=targets, **opts), analysis, calibration, probe)
+            return PCAPass(PCAConfig(targets=targets, **opts), analysis, calibration, probe, batches, progress)
     except TypeError as e:
         raise DotResizeError(f"pass {spec.method}: bad option ({e}); see 'dotresize-fx compress --help'") from e
     raise DotResizeError(f"unknown pass {spec.method!r}: use prune, dotresize or pca")

@@ -6,27 +6,29 @@ the rewrite apply them by group kind (linear path, MLP hidden, residual via QR, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from dotresize_fx.analyze import WidthGroup
-from dotresize_fx.pipeline import Targets, WidthPass, keep_heads, plan_widths, unit_scores
+from dotresize_fx.calibrate import Stats
+from dotresize_fx.pipeline import Targets, WidthPass, keep_heads, ls_unmerge, unit_scores
 from dotresize_fx.rewrite import WidthMap, selection_matrix
 
 from . import ot as dot
-from .prune import PruneConfig, PrunePass
+from .prune import importance
 
 
 @dataclass(frozen=True)
 class DotResizeConfig:
-    targets: Targets = Targets()
+    targets: Targets = field(default_factory=Targets)
     cost: dot.Cost = "l2"
     marginals: dot.Marginals = "semi"
     solver: Literal["sinkhorn", "emd"] = "sinkhorn"
     reg: float = 0.05
     unmerge: dot.Unmerge = "ls"
+    refine: bool = True                # ls on an MLP: fit the consumer to the merged producers' real outputs
     pure_producers: bool = False       # True: producers keep their target rows; only consumers take the merge
     importance: str = "act_weight"     # how targets are chosen when no prune pass chose them
     ls_reg: float = 1e-4
@@ -35,25 +37,14 @@ class DotResizeConfig:
 class DotResizePass(WidthPass):
     name = "dotresize"
 
-    def __init__(self, config: DotResizeConfig, analysis, calibration, probe, kept=None):
-        super().__init__(analysis, calibration, probe)
-        self.config = config
+    def __init__(self, config: DotResizeConfig, analysis, calibration, probe, kept=None, batches=None,
+                 progress=None):
+        super().__init__(analysis, calibration, probe, batches, progress)
+        self.config, self.targets, self.ls_reg = config, config.targets, config.ls_reg
         self.kept = kept or {}
 
-    def maps(self, model) -> dict[str, WidthMap]:
-        plan = plan_widths(self.analysis, self.config.targets)
-        self.report["rounding"] = plan.rounding
-        chooser = PrunePass(PruneConfig(importance=self.config.importance), self.analysis, self.calibration,
-                            self.probe)
-        maps = {}
-        for name, (m, kv_after) in plan.widths.items():
-            g = self.analysis.group(name)
-            scores = unit_scores(chooser.scores(model, g), g.unit)
-            maps[name] = self.group_map(g, scores, m, kv_after)
-        return maps
-
-    def group_map(self, g: WidthGroup, scores: torch.Tensor, m: int, kv_after: int | None) -> WidthMap:
-        stats = self.calibration.stats[g.name]
+    def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
+        scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
         gram = _unit_gram(stats.gram, g.unit)
         if g.kind == "heads" and g.kv_heads != g.size:
             q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
@@ -62,7 +53,6 @@ class DotResizePass(WidthPass):
             if kv_after < g.kv_heads:  # whole GQA groups: kv heads follow their q heads' plan, block by block
                 rep = g.size // g.kv_heads
                 Mkv = w.merge.view(g.kv_heads, rep, -1, rep).sum((1, 3)) / rep
-                Mkv = Mkv[:, :kv_after] if Mkv.shape[1] > kv_after else Mkv
                 w.kv_merge, w.kv_keep = Mkv / Mkv.sum(0, keepdim=True), kv_keep
                 w.kv_unmerge = torch.linalg.pinv(w.kv_merge)
             else:
@@ -72,9 +62,9 @@ class DotResizePass(WidthPass):
         targets = self.kept.get(g.name)
         if targets is None:
             targets = scores.topk(m).indices.sort().values
-        return self._merge(gram, stats.count, targets, g, channel_gram=stats.gram)
+        return self._merge(gram, stats.count, targets, g)
 
-    def _merge(self, gram, count, targets, g: WidthGroup, channel_gram=None) -> WidthMap:
+    def _merge(self, gram, count, targets, g: WidthGroup) -> WidthMap:
         c = self.config
         C = dot.cost_matrix(gram, count, targets, c.cost)
         a, b = dot.marginals(gram, targets, "energy" if c.marginals == "semi" else c.marginals)
@@ -85,11 +75,14 @@ class DotResizePass(WidthPass):
         M, U = dot.width_map_from_plan(T, unmerge=c.unmerge, gram=gram, ls_reg=c.ls_reg)
         w = WidthMap(g.name, M, U, keep=targets)
         if c.pure_producers and g.kind != "residual":
-            S = selection_matrix(g.size, targets)
-            w.merge = S
+            w.merge = selection_matrix(g.size, targets)
             if c.unmerge == "ls":
-                w.unmerge = _ls(S, gram, c.ls_reg)
+                w.unmerge = ls_unmerge(w.merge, gram, c.ls_reg)
         return w
+
+    def refines(self, g: WidthGroup) -> bool:
+        """`ls` on MLP and heads: consumers fitted to the merged producers' real outputs (pipeline.refine_unmerge)."""
+        return g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
 
 
 def _unit_gram(gram: torch.Tensor, unit: int) -> torch.Tensor:
@@ -98,8 +91,3 @@ def _unit_gram(gram: torch.Tensor, unit: int) -> torch.Tensor:
         return gram
     n = gram.shape[0] // unit
     return gram.view(n, unit, n, unit).diagonal(dim1=1, dim2=3).sum(-1)
-
-
-def _ls(S, gram, reg):
-    from dotresize_fx.pipeline import ls_unmerge
-    return ls_unmerge(S, gram, reg)

@@ -5,37 +5,31 @@ residual rewrite as DOTResize (gain folding, constant gain sqrt(n/m)).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.pipeline import Targets, WidthPass, plan_widths
+from dotresize_fx.pipeline import Targets, WidthPass
 from dotresize_fx.rewrite import WidthMap
 
 
 @dataclass(frozen=True)
 class PCAConfig:
-    targets: Targets = Targets()
+    targets: Targets = field(default_factory=Targets)
 
 
 class PCAPass(WidthPass):
     name = "pca"
 
-    def __init__(self, config: PCAConfig, analysis, calibration, probe):
-        super().__init__(analysis, calibration, probe)
-        self.config = config
+    def __init__(self, config: PCAConfig, analysis, calibration, probe, batches=None, progress=None):
+        super().__init__(analysis, calibration, probe, batches, progress)
+        self.config, self.targets = config, config.targets
 
-    def maps(self, model) -> dict[str, WidthMap]:
-        plan = plan_widths(self.analysis, self.config.targets)
-        self.report["rounding"] = plan.rounding
-        maps = {}
-        for name, (m, _) in plan.widths.items():
-            g = self.analysis.group(name)
-            if g.kind != "residual":
-                raise DotResizeError(f"pca reduces the residual stream only; {name} is {g.kind}: use prune or "
-                                     "dotresize for it")
-            eigvals, eigvecs = torch.linalg.eigh(self.calibration.stats[name].gram)
-            Q = eigvecs[:, eigvals.argsort(descending=True)[:m]].contiguous()
-            maps[name] = WidthMap(name, Q, Q.T.contiguous())
-        return maps
+    def group_map(self, model, g, m, kv_after, stats) -> WidthMap:
+        if g.kind != "residual":
+            raise DotResizeError(f"pca reduces the residual stream only; {g.name} is {g.kind}: use prune or "
+                                 "dotresize for it")
+        eigvals, eigvecs = torch.linalg.eigh(stats.gram)
+        Q = eigvecs[:, eigvals.argsort(descending=True)[:m]].contiguous()
+        return WidthMap(g.name, Q, Q.T.contiguous())

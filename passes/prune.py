@@ -9,14 +9,14 @@ Heads score as the norm of their channels' scores; GQA heads go by whole kv grou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from dotresize_fx.analyze import WidthGroup
-from dotresize_fx.pipeline import (Targets, WidthPass, consumer_column_norms, keep_heads, ls_unmerge, plan_widths,
-                                   unit_scores)
+from dotresize_fx.calibrate import Stats
+from dotresize_fx.pipeline import Targets, WidthPass, consumer_column_norms, keep_heads, ls_unmerge, unit_scores
 from dotresize_fx.rewrite import WidthMap, selection_matrix
 
 Importance = Literal["weight", "activation", "act_weight"]
@@ -24,52 +24,49 @@ Importance = Literal["weight", "activation", "act_weight"]
 
 @dataclass(frozen=True)
 class PruneConfig:
-    targets: Targets = Targets()
+    targets: Targets = field(default_factory=Targets)
     importance: Importance = "act_weight"
     unmerge: Literal["select", "ls"] = "select"
     ls_reg: float = 1e-4
+    refine: bool = True        # layerwise `ls`: fit consumers to the dense model's activations (see pipeline)
     select_only: bool = False  # choose the kept set for a following DOTResize pass, change nothing
+
+
+def importance(model, g: WidthGroup, stats: Stats | None, kind: Importance) -> torch.Tensor:
+    """Channel importance (n·unit) by the given kind."""
+    if kind != "weight" and stats is None:
+        raise ValueError(f"importance {kind!r} needs calibration statistics for {g.name}")
+    act = stats.mean_sq.sqrt() if kind != "weight" else 1.0
+    weight = consumer_column_norms(model, g) if kind != "activation" else 1.0
+    return act * weight
 
 
 class PrunePass(WidthPass):
     name = "prune"
 
-    def __init__(self, config: PruneConfig, analysis, calibration, probe):
-        super().__init__(analysis, calibration, probe)
-        self.config = config
+    def __init__(self, config: PruneConfig, analysis, calibration, probe, batches=None, progress=None):
+        super().__init__(analysis, calibration, probe, batches, progress)
+        self.config, self.targets, self.ls_reg = config, config.targets, config.ls_reg
         self.kept: dict[str, torch.Tensor] = {}   # group → kept units, for DOTResize as an add-on
 
-    def maps(self, model) -> dict[str, WidthMap]:
-        plan = plan_widths(self.analysis, self.config.targets)
-        self.report["rounding"] = plan.rounding
-        maps = {}
-        for name, (m, kv_after) in plan.widths.items():
-            g = self.analysis.group(name)
-            maps[name] = self.group_map(model, g, m, kv_after)
+    def refines(self, g: WidthGroup) -> bool:
+        return (g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
+                and not self.config.select_only)
+
+    def emit(self, maps):
         return {} if self.config.select_only else maps
 
-    def scores(self, model, g: WidthGroup) -> torch.Tensor:
-        """Channel importance (n·unit)."""
-        imp = self.config.importance
-        if imp != "weight" and self.calibration is None:
-            raise ValueError(f"importance {imp!r} needs calibration statistics")
-        act = self.calibration.stats[g.name].mean_sq.sqrt() if imp != "weight" else 1.0
-        weight = consumer_column_norms(model, g) if imp != "activation" else 1.0
-        return act * weight
-
-    def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None) -> WidthMap:
-        scores = unit_scores(self.scores(model, g), g.unit)
+    def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats | None) -> WidthMap:
+        scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
         if g.kind == "heads" and g.kv_heads != g.size:
             q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
             w = WidthMap.selection(g.name, g.size, q_keep, g.kv_heads, kv_keep)
         else:
-            keep = scores.topk(m).indices.sort().values
-            w = WidthMap.selection(g.name, g.size, keep)
+            w = WidthMap.selection(g.name, g.size, scores.topk(m).indices.sort().values)
         self.kept[g.name] = w.keep
         if self.config.unmerge == "ls":
-            gram = self.calibration.stats[g.name].gram
             S = torch.kron(selection_matrix(g.size, w.keep), torch.eye(g.unit, dtype=torch.float64))
-            U = ls_unmerge(S, gram, self.config.ls_reg)
+            U = ls_unmerge(S, stats.gram, self.config.ls_reg)
             if g.unit == 1:
                 w.unmerge = U
             else:
