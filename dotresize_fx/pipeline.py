@@ -113,6 +113,7 @@ class WidthPass(PassBase):
         return False
 
     ls_reg: float = 1e-4
+    ls_target: str = "current"   # "dense": fit to the dense model's activations (measured worse on SmolLM2)
 
     def refine(self, model, g: WidthGroup, w: WidthMap, runner: BlockRunner, block: int,
                target: list[torch.Tensor] | None) -> WidthMap:
@@ -160,7 +161,8 @@ class WidthPass(PassBase):
             untied, notes = first.untied, first.notes
         runner = BlockRunner(new, modules, self.batches)
         refined = [n for n in plan.widths if inside[n] is not None and self.refines(self.analysis.group(n))]
-        dense = BlockRunner(model, model.get_submodule(prefix), self.batches) if refined else None
+        dense = BlockRunner(model, model.get_submodule(prefix), self.batches) \
+            if refined and self.ls_target == "dense" else None
         for b in range(len(modules)):
             names = [n for n in plan.widths if inside[n] == b]
             targets = dense_targets(model, self.analysis, [n for n in refined if inside[n] == b], dense, b) \

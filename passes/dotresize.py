@@ -17,7 +17,7 @@ from dotresize_fx.pipeline import Targets, WidthPass, keep_heads, ls_unmerge, un
 from dotresize_fx.rewrite import WidthMap, selection_matrix
 
 from . import ot as dot
-from .prune import importance
+from .prune import importance, select
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class DotResizeConfig:
     unmerge: dot.Unmerge = "ls"
     refine: bool = True                # ls on an MLP: fit the consumer to the merged producers' real outputs
     pure_producers: bool = False       # True: producers keep their target rows; only consumers take the merge
-    importance: str = "act_weight"     # how targets are chosen when no prune pass chose them
+    importance: str = "act_weight"     # how targets are chosen when no prune pass chose them (prune.select)
     ls_reg: float = 1e-4
+    ls_target: Literal["current", "dense"] = "current"   # what layerwise `ls` fits (see WidthPass.refine)
 
 
 class DotResizePass(WidthPass):
@@ -40,7 +41,8 @@ class DotResizePass(WidthPass):
     def __init__(self, config: DotResizeConfig, analysis, calibration, probe, kept=None, batches=None,
                  progress=None):
         super().__init__(analysis, calibration, probe, batches, progress)
-        self.config, self.targets, self.ls_reg = config, config.targets, config.ls_reg
+        self.config, self.targets, self.ls_reg, self.ls_target = (config, config.targets, config.ls_reg,
+                                                                       config.ls_target)
         self.kept = kept or {}
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
@@ -61,7 +63,7 @@ class DotResizePass(WidthPass):
             return w
         targets = self.kept.get(g.name)
         if targets is None:
-            targets = scores.topk(m).indices.sort().values
+            targets = select(model, g, stats, self.config.importance, m)
         return self._merge(gram, stats.count, targets, g)
 
     def _merge(self, gram, count, targets, g: WidthGroup) -> WidthMap:

@@ -4,6 +4,8 @@ Importance per channel i of a group, from the group's observation-point Gram G a
   weight      ‖W_c[:, i]‖
   activation  sqrt(G_ii / N)
   act_weight  sqrt(G_ii / N) · ‖W_c[:, i]‖          (default; the best of the three in REFERENCE.md)
+  cholesky    not a score: greedy column-subset selection (pivoted Cholesky on D·G·D, D = diag ‖W_c[:, i]‖),
+              the neurons whose consumer contributions best span the others (MLP / channels only)
 Heads score as the norm of their channels' scores; GQA heads go by whole kv groups or evenly within groups.
 `unmerge="ls"` compensates the consumers by least squares: U = (SᵀGS + λI)⁻¹ SᵀG.
 """
@@ -19,7 +21,7 @@ from dotresize_fx.calibrate import Stats
 from dotresize_fx.pipeline import Targets, WidthPass, consumer_column_norms, keep_heads, ls_unmerge, unit_scores
 from dotresize_fx.rewrite import WidthMap, selection_matrix
 
-Importance = Literal["weight", "activation", "act_weight"]
+Importance = Literal["weight", "activation", "act_weight", "cholesky"]
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,38 @@ class PruneConfig:
     importance: Importance = "act_weight"
     unmerge: Literal["select", "ls"] = "select"
     ls_reg: float = 1e-4
+    ls_target: Literal["current", "dense"] = "current"   # what layerwise `ls` fits (see WidthPass.refine)
     refine: bool = True        # layerwise `ls`: fit consumers to the dense model's activations (see pipeline)
     select_only: bool = False  # choose the kept set for a following DOTResize pass, change nothing
 
 
+def pivoted_cholesky(gram: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of m columns chosen greedily to span the others best (largest residual variance first)."""
+    n = gram.shape[0]
+    d = gram.diagonal().clone()
+    L = torch.zeros(n, m, dtype=gram.dtype)
+    chosen = []
+    for k in range(m):
+        i = int(torch.argmax(d))
+        chosen.append(i)
+        col = (gram[:, i] - L[:, :k] @ L[i, :k]) / d[i].clamp_min(1e-30).sqrt()
+        L[:, k] = col
+        d -= col ** 2
+        d[chosen] = -float("inf")
+    return torch.tensor(sorted(chosen))
+
+
+def select(model, g: WidthGroup, stats: Stats | None, kind: Importance, m: int) -> torch.Tensor:
+    """The m units to keep (sorted) for a group without GQA structure."""
+    if kind == "cholesky" and g.unit == 1:
+        D = consumer_column_norms(model, g)
+        return pivoted_cholesky(stats.gram * D[:, None] * D[None, :], m)
+    return unit_scores(importance(model, g, stats, kind), g.unit).topk(m).indices.sort().values
+
+
 def importance(model, g: WidthGroup, stats: Stats | None, kind: Importance) -> torch.Tensor:
-    """Channel importance (n·unit) by the given kind."""
+    """Channel importance (n·unit) by the given kind (cholesky ranks heads by act_weight)."""
+    kind = "act_weight" if kind == "cholesky" else kind
     if kind != "weight" and stats is None:
         raise ValueError(f"importance {kind!r} needs calibration statistics for {g.name}")
     act = stats.mean_sq.sqrt() if kind != "weight" else 1.0
@@ -46,7 +74,8 @@ class PrunePass(WidthPass):
 
     def __init__(self, config: PruneConfig, analysis, calibration, probe, batches=None, progress=None):
         super().__init__(analysis, calibration, probe, batches, progress)
-        self.config, self.targets, self.ls_reg = config, config.targets, config.ls_reg
+        self.config, self.targets, self.ls_reg, self.ls_target = (config, config.targets, config.ls_reg,
+                                                                       config.ls_target)
         self.kept: dict[str, torch.Tensor] = {}   # group → kept units, for DOTResize as an add-on
 
     def refines(self, g: WidthGroup) -> bool:
@@ -57,12 +86,12 @@ class PrunePass(WidthPass):
         return {} if self.config.select_only else maps
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats | None) -> WidthMap:
-        scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
         if g.kind == "heads" and g.kv_heads != g.size:
+            scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
             q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
             w = WidthMap.selection(g.name, g.size, q_keep, g.kv_heads, kv_keep)
         else:
-            w = WidthMap.selection(g.name, g.size, scores.topk(m).indices.sort().values)
+            w = WidthMap.selection(g.name, g.size, select(model, g, stats, self.config.importance, m))
         self.kept[g.name] = w.keep
         if self.config.unmerge == "ls":
             S = torch.kron(selection_matrix(g.size, w.keep), torch.eye(g.unit, dtype=torch.float64))

@@ -1,0 +1,86 @@
+"""The math of the passes: transport plans, width maps, selection (DESIGN §5)."""
+import pytest
+import torch
+
+import models
+from dotresize_fx.analyze import analyze
+from dotresize_fx.errors import DotResizeError
+from dotresize_fx.pipeline import Targets, ls_unmerge, plan_widths
+from passes import ot as dot
+from passes.prune import pivoted_cholesky
+
+
+def _gram(n=12, N=400, seed=0):
+    X = torch.randn(N, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return X.T @ X, N, X
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "emd"])
+def test_plan_marginals_hold(solver):
+    G, N, _ = _gram()
+    targets = torch.tensor([0, 3, 5, 7])
+    C = dot.cost_matrix(G, N, targets)
+    a, b = dot.marginals(G, targets, "uniform")
+    T = dot.transport_plan(C, a, b, reg=0.1, solver=solver)
+    assert torch.allclose(T.sum(1), a, atol=1e-6) and torch.allclose(T.sum(0), b, atol=1e-6)
+
+
+def test_degenerate_plan_is_an_error_with_advice():
+    C = torch.rand(10, 3, dtype=torch.float64) * 1e4      # unnormalised cost: Sinkhorn underflows
+    a, b = torch.full((10,), 0.1, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    with pytest.raises(DotResizeError, match="raise reg"):
+        dot.transport_plan(C, a, b, reg=1e-4, solver="sinkhorn", max_iter=5)
+
+
+def test_cost_is_median_normalised_and_zero_on_targets():
+    G, N, _ = _gram()
+    targets = torch.tensor([1, 4])
+    C = dot.cost_matrix(G, N, targets)
+    assert C[1, 0].abs() < 1e-9 and C[4, 1].abs() < 1e-9
+    assert C[C > 0].median() == pytest.approx(1.0)
+
+
+def test_identity_plan_gives_identity_maps():
+    n = 6
+    T = torch.eye(n, dtype=torch.float64) / n
+    for unmerge in ("ot", "pinv"):
+        M, U = dot.width_map_from_plan(T, unmerge=unmerge)
+        assert torch.allclose(M, torch.eye(n, dtype=torch.float64)) and torch.allclose(U, M)
+
+
+def test_ls_unmerge_is_the_least_squares_reconstruction():
+    G, N, X = _gram()
+    M = torch.rand(12, 5, dtype=torch.float64)
+    U = ls_unmerge(M, G, reg=0.0)
+    best = torch.linalg.lstsq(X @ M, X).solution
+    assert torch.allclose(U, best, atol=1e-8)
+
+
+def test_semi_plan_keeps_targets_pure_mass():
+    G, N, _ = _gram()
+    targets = torch.tensor([0, 2, 9])
+    C = dot.cost_matrix(G, N, targets)
+    a, _ = dot.marginals(G, targets, "energy")
+    T = dot.semi_plan(C, a, targets, reg=0.05)
+    assert torch.allclose(T.sum(1), a) and torch.equal(T[targets].diagonal(), a[targets])
+
+
+def test_pivoted_cholesky_skips_redundant_columns():
+    X = torch.randn(300, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    X = torch.cat([X, 3 * X[:, :1]], dim=1)             # column 5 repeats column 0, louder
+    chosen = pivoted_cholesky(X.T @ X, 5).tolist()
+    assert 5 in chosen and 0 not in chosen
+
+
+def test_widths_are_rounded_and_gqa_divisible():
+    a = analyze(*models.llama())
+    plan = plan_widths(a, Targets(mlp=0.3, heads=0.3))
+    mlp = [w for n, w in plan.widths.items() if n.startswith("mlp")]
+    heads = [w for n, w in plan.widths.items() if n.startswith("heads")]
+    assert mlp == [(64, None)] * 2 and all(q % kv == 0 for q, kv in heads)
+    assert any("asked" in r for r in plan.rounding)
+
+
+def test_fraction_out_of_range():
+    with pytest.raises(DotResizeError, match=r"\[0, 1\)"):
+        Targets(mlp=1.0)
