@@ -1,7 +1,7 @@
 """Side-by-side quality of prune, prune+ls, pca and DOTResize on the embedded model (DESIGN §7 protocol).
 
 Writes benchmarks/results/quality-YYYY-MM-DD.json and a Markdown table (stdout and .md beside the JSON).
-Each row is one `dotresize_fx.compress.run` job, exactly what `dotresize-fx compress --passes …` runs.
+Each row is one `dotresize-fx compress --passes …` process (its own timings and peak RSS).
 
     .venv/bin/python benchmarks/quality.py [--seq-len 512 --eval-tokens 16384 --calib-samples 64] [--rows NAME…]
 """
@@ -9,26 +9,35 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from dotresize_fx.compress import Job, PassSpec, public, run
 
 ROWS = {
+    # MLP 1536→1152 (-18.7% non-embedding)
     "prune": "prune:mlp=0.25",
     "prune+ls": "prune:mlp=0.25,unmerge=ls",
+    "prune+ls-cholesky": "prune:mlp=0.25,unmerge=ls,importance=cholesky",
     "dotresize-mlp": "dotresize:mlp=0.25",
-    "dotresize-mlp-uniform-ot": "dotresize:mlp=0.25,marginals=uniform,unmerge=ot",
-    "dotresize-mlp-energy-ls": "dotresize:mlp=0.25,marginals=energy,unmerge=ls",
-    "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25",
-    "prune-residual": "prune:residual=0.22",
-    "pca-global": "pca:residual=0.22",
-    "dotresize-residual": "dotresize:residual=0.22,unmerge=pinv",
+    "dotresize-mlp-cholesky": "dotresize:mlp=0.25,importance=cholesky",
+    "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
+    # residual 576→432 (one global map; a multiple of 9 heads for a stock config; the head is untied, counted)
+    "prune-residual": "prune:residual=0.25",
+    "pca-global": "pca:residual=0.25",
+    "dotresize-residual": "dotresize:residual=0.25,unmerge=pinv",
+    # heads 9→6 per layer (one q head per GQA group)
+    "prune-heads+ls": "prune:heads=0.34,unmerge=ls",
     "dotresize-heads": "dotresize:heads=0.34",
-    "prune-heads": "prune:heads=0.34",
+    # mixed, and the 10% / 30% levels
+    "dotresize-mixed": "dotresize:mlp=0.2,heads=0.34",
+    "prune+ls-mixed": "prune:mlp=0.2,heads=0.34,unmerge=ls",
+    "prune+ls-10": "prune:mlp=0.125,unmerge=ls",
+    "dotresize-mlp-10": "dotresize:mlp=0.125",
+    "prune+ls-30": "prune:mlp=0.375,unmerge=ls",
+    "dotresize-mlp-30": "dotresize:mlp=0.375",
 }
 
 
@@ -41,24 +50,43 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", nargs="*", default=list(ROWS))
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     rows, dense = [], None
     for name in args.rows:
         t0 = time.perf_counter()
-        r = public(run(Job(args.model, PassSpec.parse(ROWS[name]), seq_len=args.seq_len,
-                           eval_tokens=args.eval_tokens, calib_samples=args.calib_samples, progress=False)))
+        r = _compress(args, ROWS[name])
         dense = r["ppl_before"]
         rows.append({"method": name, "config": ROWS[name], "nonembed_reduction": r["nonembed_reduction"],
                      "params": r["params_after"], "nonembed_params": r["nonembed_params_after"],
                      "ppl": r["ppl_after"], "ratio_to_dense": r["ppl_after"] / dense,
                      "compress_s": r["timing"]["compress_s"], "calib_forward_s": r["timing"]["calib_forward_s"],
                      "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0})
-        print(f"{name:<28} ppl {r['ppl_after']:9.2f}  non-emb -{100 * r['nonembed_reduction']:.1f}%", file=sys.stderr)
+        print(f"{name:<28} ppl {r['ppl_after']:9.2f}  non-emb -{100 * r['nonembed_reduction']:.1f}%", file=sys.stderr,
+              flush=True)
         protocol = r["protocol"]
+        _write(args, dense, protocol, rows)  # after every row: a long run that stops keeps what it measured
+
+
+def _compress(args, passes: str) -> dict:
+    """One row = one `dotresize-fx compress` process, so its peak RSS and timings are its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "dotresize_fx.cli", "--threads", str(args.threads), "compress", args.model,
+               "--passes", passes, "--data", "sotu", "--seq-len", str(args.seq_len), "--eval-tokens",
+               str(args.eval_tokens), "--calib-samples", str(args.calib_samples), "--out", f"{tmp}/out",
+               "--json", f"{tmp}/report.json"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(Path(f"{tmp}/report.json").read_text())
+
+
+def _write(args, dense, protocol, rows):
     today = datetime.date.today().isoformat()
     out = {"date": today, "machine": f"{platform.machine()}, {args.threads} threads", "dense_ppl": dense,
            "protocol": protocol, "rows": rows}
     path = Path(__file__).parent / "results" / f"quality-{today}.json"
+    if path.exists():  # rows measured earlier today under the same protocol stay, re-measured ones are replaced
+        old = json.loads(path.read_text())
+        if old.get("protocol", {}).get("seq_len") == protocol.get("seq_len"):
+            names = {r["method"] for r in rows}
+            out["rows"] = rows = [r for r in old["rows"] if r["method"] not in names] + rows
     path.write_text(json.dumps(out, indent=1))
     table = ["| method | config | non-emb. params | reduction | ppl | × dense | compress s | calib fwd s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|",

@@ -8,7 +8,6 @@ and the module: nothing is assumed to be elementwise.
 """
 from __future__ import annotations
 
-import json
 import operator
 import time
 from collections import defaultdict
@@ -826,7 +825,3 @@ _RULES = {
     aten.cat: _Walker.cat,
     aten.scaled_dot_product_attention: _Walker.sdpa,
 }
-
-
-def analysis_json(analysis: Analysis) -> str:
-    return json.dumps(analysis.to_json(), indent=1)

@@ -193,9 +193,8 @@ class BlockRunner:
                     on_output(i, out)
         self.forward_s += time.perf_counter() - t0
 
-    def collect(self, analysis: Analysis, names: list[str], b: int | None = None) -> dict[str, Stats]:
-        """Statistics of `names` (groups inside one block) on the current inputs of that block."""
-        b = b if b is not None else self._block_index(analysis, names)
+    def collect(self, analysis: Analysis, names: list[str], b: int) -> dict[str, Stats]:
+        """Statistics of `names` (groups inside block b) on the current inputs of that block."""
         cal = Calibration()
         hooks = []
         try:
@@ -206,10 +205,6 @@ class BlockRunner:
             for h in hooks:
                 h.remove()
         return cal.stats
-
-    def _block_index(self, analysis, names) -> int:
-        prefix = next(n for n, m in self.model.named_modules() if m is self.blocks)
-        return block_of(analysis.group(names[0]), prefix)
 
     def advance(self, b: int) -> None:
         """Replace the stored inputs by block b's outputs: the inputs of block b+1."""

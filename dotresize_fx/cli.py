@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx and validate it under onnxruntime")
+    p.add_argument("--json", help="write the report here too")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="export a model (e.g. a compressed directory) to ONNX and check parity")

@@ -83,9 +83,9 @@ def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
     from passes import build_pass
     quantize = [s for s in job.passes if s.method == "quantize"]
-    job.passes = [s for s in job.passes if s.method != "quantize"]
-    job.onnx = job.onnx or bool(quantize)
-    if job.onnx and not job.out:
+    specs = [s for s in job.passes if s.method != "quantize"]
+    onnx = job.onnx or bool(quantize)
+    if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
     t_start = time.perf_counter()
     timing = {}
@@ -94,7 +94,6 @@ def run(job: Job) -> dict:
     t = time.perf_counter()
     model, tokenizer, inputs = load(job.model)
     timing["load_s"] = time.perf_counter() - t
-    t = time.perf_counter()
     analysis = analyze(model, inputs)
     timing["capture_s"], timing["analyze_s"] = analysis.timing["capture_s"], analysis.timing["analyze_s"]
     calib, eval_windows, provenance = _data(job, tokenizer, inputs, model)
@@ -104,8 +103,8 @@ def run(job: Job) -> dict:
     current, pass_reports, calibration = model, [], None
     t = time.perf_counter()
     calib_forward_s = 0.0
-    for i, spec in enumerate(job.passes):
-        if spec.method == "prune" and i + 1 < len(job.passes) and job.passes[i + 1].method == "dotresize":
+    for i, spec in enumerate(specs):
+        if spec.method == "prune" and i + 1 < len(specs) and specs[i + 1].method == "dotresize":
             # "prune → dotresize": the pruning decides who stays, OT decides where the rest goes
             spec = PassSpec("prune", {**spec.options, "select_only": True})
         if calibration is None:
@@ -123,7 +122,7 @@ def run(job: Job) -> dict:
         current = result.graph_module
         pass_reports.append({"method": spec.method, "options": spec.options, **the_pass.report,
                              "_pass": the_pass})
-        if result.modified and i + 1 < len(job.passes):
+        if result.modified and i + 1 < len(specs):
             analysis = analyze(current, inputs)
             calibration = None
     timing["compress_s"] = time.perf_counter() - t
@@ -137,7 +136,7 @@ def run(job: Job) -> dict:
         "nonembed_params_before": before["non_embedding"], "nonembed_params_after": after["non_embedding"],
         "nonembed_reduction": 1 - after["non_embedding"] / before["non_embedding"],
         "ppl_before": ppl_before and ppl_before["ppl"], "ppl_after": ppl_after and ppl_after["ppl"],
-        "widths": _widths(analysis, current, pass_reports), "graph_check_max_abs_diff": graph_diff,
+        "widths": _widths(pass_reports), "graph_check_max_abs_diff": graph_diff,
         "protocol": {**provenance, "seq_len": job.seq_len, "eval_tokens": ppl_after and ppl_after["tokens"],
                      "calib_samples": job.calib_samples, "seed": job.seed, "bos": True},
         "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
@@ -151,7 +150,7 @@ def run(job: Job) -> dict:
         save(current, job.out, source=job.model, tokenizer=tokenizer, stock=stock,
              report=public(report), overwrite=job.overwrite)
         report["out"] = job.out
-        if job.onnx:
+        if onnx:
             _export_and_validate(job, report, current, model, inputs, eval_windows, quantize)
     return report
 
@@ -228,7 +227,7 @@ def _graph_check(model, inputs) -> float:
     return check_capture(model, capture(model, inputs, check=False), inputs)
 
 
-def _widths(analysis, model, reports) -> dict:
+def _widths(reports) -> dict:
     out = {}
     for r in reports:
         out.update(r.get("widths", {}))

@@ -6,6 +6,7 @@ the rest; `ensures` measures the output change on a fixed probe batch and record
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 import copy
 
 from .analyze import Analysis, WidthGroup
-from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of
+from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of, collect_stats
 from .errors import DotResizeError
 from .load import model_outputs
 from .rewrite import WidthMap, apply, finalize
@@ -47,7 +48,9 @@ class WidthPlan:
     rounding: list[str] = field(default_factory=list)
 
 
-def plan_widths(analysis: Analysis, targets: Targets) -> WidthPlan:
+def plan_widths(analysis: Analysis, targets: Targets, residual_multiple: int = 1) -> WidthPlan:
+    """Widths per group. `residual_multiple`: the residual also rounds to it (HF configs require
+    hidden_size % num_attention_heads == 0 even with an explicit head_dim)."""
     plan = WidthPlan()
     for g in analysis.groups:
         f = targets.fraction(g.kind)
@@ -60,6 +63,8 @@ def plan_widths(analysis: Analysis, targets: Targets) -> WidthPlan:
             want = g.size * (1 - f)
         else:
             step = targets.round_to if g.size >= 2 * targets.round_to else 1
+            if g.kind == "residual":
+                step = math.lcm(step, residual_multiple)
             want = g.size * (1 - f)
             m, kv = max(step, int(round(want / step)) * step), None
         if m >= g.size:
@@ -126,7 +131,9 @@ class WidthPass(PassBase):
         return maps
 
     def call(self, model: torch.nn.Module) -> PassResult:
-        plan = plan_widths(self.analysis, self.targets)
+        heads = {g.size for g in self.analysis.by_kind("heads")}
+        stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
+        plan = plan_widths(self.analysis, self.targets, stock_multiple)
         self.report["rounding"] = plan.rounding
         if not plan.widths:
             return PassResult(model, False)
@@ -134,6 +141,10 @@ class WidthPass(PassBase):
         new = copy.deepcopy(model)
         blocks = block_list(new, self.analysis, self.batches) if self.batches is not None else None
         if blocks is None:
+            missing = [n for n in plan.widths if n not in stats and self.analysis.group(n).kind != "channels"]
+            if missing and self.batches is not None:  # blocks that do not chain: calibrate the whole model once
+                stats = {**stats, **collect_stats(model, self.analysis, self.batches, missing, progress=False).stats}
+                self.report["layerwise_skipped"] = "the model's blocks do not chain (residual added outside them)"
             maps = {name: self.group_map(new, self.analysis.group(name), m, kv, stats.get(name))
                     for name, (m, kv) in plan.widths.items()}
             maps = self.emit(maps)
@@ -168,7 +179,7 @@ class WidthPass(PassBase):
             targets = dense_targets(model, self.analysis, [n for n in refined if inside[n] == b], dense, b) \
                 if dense else {}
             if names:
-                block_stats = runner.collect(self.analysis, names)
+                block_stats = runner.collect(self.analysis, names, b)
                 block_maps = {}
                 for n in names:
                     g = self.analysis.group(n)

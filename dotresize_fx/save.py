@@ -7,6 +7,7 @@ stock architecture the directory is also a Hugging Face checkpoint (`from_pretra
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from safetensors.torch import load_model, save_model
 from .cache import atomic_dir
 from .errors import DotResizeError
 from .rewrite import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, _update_module_attrs
+
+log = logging.getLogger(__name__)
 
 PLAN_FILE = "resize_plan.json"
 WEIGHTS = "model.safetensors"
@@ -41,8 +44,14 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         stock = stock and hasattr(model, "save_pretrained")
         if stock:
-            model.save_pretrained(tmp)  # config.json + model.safetensors
-        else:
+            try:
+                model.save_pretrained(tmp)  # config.json + model.safetensors
+            except ValueError as e:     # the config's own validation refuses these widths: our format only
+                log.warning("not saved as a stock checkpoint (%s); reload with dotresize_fx.load", e)
+                stock = False
+                for f in tmp.iterdir():
+                    f.unlink()
+        if not stock:
             save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -26,7 +26,7 @@ class DotResizeConfig:
     cost: dot.Cost = "l2"
     marginals: dot.Marginals = "semi"
     solver: Literal["sinkhorn", "emd"] = "sinkhorn"
-    reg: float = 0.05
+    reg: float = 0.01                  # measured on SmolLM2 MLP 1536→1152: 0.01 → 44.7, 0.05 → 47.3 (seq 256)
     unmerge: dot.Unmerge = "ls"
     refine: bool = True                # ls on an MLP: fit the consumer to the merged producers' real outputs
     pure_producers: bool = False       # True: producers keep their target rows; only consumers take the merge

@@ -93,3 +93,23 @@ def test_existing_output_is_refused(tmp_path, capsys):
     rc = main(["compress", f"{FACTORY}:llama", "--method", "prune", "--mlp", "0.25", "--data", "random",
                "--calib-samples", "2", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_per_layer_widths_save_our_format_and_replay(tmp_path):
+    """Different MLP widths per block: not a stock config, so safetensors + plan, replayed exactly."""
+    from dotresize_fx.analyze import analyze
+    from dotresize_fx.rewrite import WidthMap, apply
+    from dotresize_fx.save import save
+    model, inputs = models.llama()
+    a = analyze(model, inputs)
+    m0, m1 = a.by_kind("mlp")
+    maps = {m0.name: WidthMap.selection(m0.name, 96, torch.arange(64)),
+            m1.name: WidthMap.selection(m1.name, 96, torch.arange(0, 96, 3))}
+    new, report = apply(model, a, maps)
+    assert not report.stock
+    save(new, tmp_path / "o", source=f"{FACTORY}:llama", stock=report.stock)
+    assert not (tmp_path / "o" / "config.json").exists()
+    again = load(tmp_path / "o").model
+    assert again.model.layers[1].mlp.down_proj.in_features == 32
+    with torch.no_grad():
+        assert torch.equal(again(*inputs).logits, new(*inputs).logits)
