@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=DEMO_PASSES)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--json", help="write the report here too")
     p.set_defaults(func=cmd_demo)
@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("dotresize_fx").setLevel(logging.INFO)  # our progress notes; other libraries' INFO is noise
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -152,6 +152,7 @@ def run(job: Job) -> dict:
         report["out"] = job.out
         if onnx:
             _export_and_validate(job, report, current, model, inputs, eval_windows, quantize)
+            report["timing"]["total_s"] = time.perf_counter() - t_start
     return report
 
 

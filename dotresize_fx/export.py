@@ -75,7 +75,7 @@ def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return worst
 
 
-def latency(sess, batch: int, seq: int, vocab: int, repeats: int = 5) -> float:
+def latency(sess, batch: int, seq: int, vocab: int, repeats: int = 3) -> float:
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
     sess.run(["logits"], {"input_ids": ids})  # warm-up
     times = []
