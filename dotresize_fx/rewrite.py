@@ -119,7 +119,6 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
 def finalize(model, analysis: Analysis, maps: dict[str, WidthMap]) -> RewriteReport:
     """Module attributes and HF config for all `maps` applied so far."""
     report = RewriteReport(widths={n: w.m for n, w in maps.items()})
-    report.untied = _untied(model, {})
     _finalize(model, analysis, maps, report)
     return report
 
@@ -182,7 +181,7 @@ def _linear_ops(model, group: WidthGroup, w: WidthMap, sites) -> None:
 
 
 def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, report) -> None:
-    if any(model.get_submodule(n).__class__.__name__ == "LayerNorm" or _has_bias(model, n) for n in group.norms):
+    if _centers(model, group):
         if not _is_selection(w.merge):
             raise DotResizeError(f"{group.name}: merging a LayerNorm residual stream is not supported yet "
                                  "(only permutations/selections are); use --residual 0 or an RMSNorm model")
@@ -206,8 +205,10 @@ def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, repor
     report.notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})")
 
 
-def _has_bias(model, module: str) -> bool:
-    return getattr(model.get_submodule(module), "bias", None) is not None
+def _centers(model, group: WidthGroup) -> bool:
+    """Whether the group's norms subtract the mean (LayerNorm, or any norm with a bias): not rotation-invariant."""
+    return any(isinstance(model.get_submodule(n), torch.nn.LayerNorm)
+               or getattr(model.get_submodule(n), "bias", None) is not None for n in group.norms)
 
 
 def _is_selection(M: torch.Tensor) -> bool:
@@ -362,8 +363,7 @@ def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple,
               ("permutation", {grp.name: _permutation(grp, g) for grp in groups})]
     for grp in groups:
         if grp.kind == "residual":
-            if any(_has_bias(model, n) or model.get_submodule(n).__class__.__name__ == "LayerNorm"
-                   for n in grp.norms):
+            if _centers(model, grp):
                 checks.append((f"rotation {grp.name}", None))
             else:
                 Q, _ = torch.linalg.qr(torch.randn(grp.size, grp.size, generator=g, dtype=torch.float64))

@@ -79,8 +79,10 @@ class PrunePass(WidthPass):
         self.kept: dict[str, torch.Tensor] = {}   # group → kept units, for DOTResize as an add-on
 
     def refines(self, g: WidthGroup) -> bool:
+        # on the current inputs a selection's h' is h·S, so the refit equals the Gram solution: only a
+        # dense target is new information, and anything else would run every block twice for nothing
         return (g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
-                and not self.config.select_only)
+                and self.config.ls_target == "dense" and not self.config.select_only)
 
     def emit(self, maps):
         return {} if self.config.select_only else maps
