@@ -62,6 +62,7 @@ class WidthGroup:
     norms: list[str] = field(default_factory=list)       # modules that normalise this width (read through a norm)
     norm_position: str | None = None                    # "pre" | "post" for a residual stream
     tied: list[list[str]] = field(default_factory=list)
+    channelwise: list[str] = field(default_factory=list)  # residual: ops outside norms acting per channel
     resizable: bool = True
     reason: str = ""
 
@@ -83,6 +84,8 @@ class WidthGroup:
                 lines.append(f"  {role:<11} {m.param} dim {m.dim}{span}  ({m.op} in {m.module or '<root>'})")
         if self.norms:
             lines.append(f"  read through {self.norm_position or ''} norms: {', '.join(self.norms)}")
+        if self.channelwise:
+            lines.append(f"  channel-wise (only keeping channels is exact): {', '.join(self.channelwise)}")
         for c in self.constants:
             lines.append(f"  constant    {c.node} arg {c.arg}[{c.index}] = {c.value}")
         for names in self.tied:
@@ -263,6 +266,8 @@ _RESHAPE = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unfla
             aten.squeeze, aten.unsqueeze}
 _REDUCE = {aten.mean, aten.sum, aten.var, aten.std, aten.amax, aten.amin, aten.var_mean, aten.norm}
 _LINEAR_OPS = {"linear", "mm", "addmm", "matmul", "bmm"}
+_ADDITIVE = {aten.add, aten.add_, aten.sub, aten.sub_, aten.neg, aten.rsub}
+_SCALING = {aten.mul, aten.mul_, aten.div, aten.div_}
 _IGNORE = {aten.sym_size, aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
            aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor, aten.new_ones,
            aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros_like, aten.ones_like, aten.full_like,
@@ -271,6 +276,13 @@ _IGNORE = {aten.sym_size, aten._assert_tensor_metadata, aten._assert_scalar, ate
 
 def _packet(target):
     return getattr(target, "overloadpacket", target)
+
+
+def _varies(node, i: int, ndim: int) -> bool:
+    """Whether `node`, broadcast to `ndim` dims, takes different values along dim `i`."""
+    shape = _val(node).shape
+    j = i - (ndim - len(shape))
+    return j >= 0 and shape[j] != 1
 
 
 def _val(node):
@@ -288,6 +300,7 @@ class _Walker:
         self.constants: list[tuple[int, Constant]] = []
         self.reductions: list[tuple[int, str, str]] = []  # (atom, op, module)
         self.norm_outputs: list[tuple[int, torch.fx.Node, str]] = []
+        self.channelwise: list[tuple[int, str, str]] = []  # (atom, op, module): not equivariant to rotations
         self.heads: list[tuple[int, int]] = []       # (q head atom, head_dim atom)
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -377,6 +390,14 @@ class _Walker:
         for o in operands:
             for d in range(len(self.dims(o))):
                 self.use(o, d, "passthrough", n)
+        op = _packet(n.target)
+        if op in _ADDITIVE:
+            return
+        for i, atom in enumerate(out):
+            varying = [o for o in operands if _varies(o, i, len(out))]
+            # x·s and x/s with s constant along this dim commute with any linear map of it; nothing else does
+            if varying and not (op in _SCALING and varying == [n.args[0]]):
+                self.channelwise.append((atom, op.__name__, self.module(n)))
 
     def same_shape(self, n, out) -> None:
         src = n.args[0]
@@ -705,6 +726,8 @@ class _Walker:
         elif norms and len(g.producers()) >= 2 and any(op in ("layer_norm", "rms_norm", "mean") for _, op in reducing):
             g.kind = "residual"
             g.norm_position = "post" if self._post_norm(key) else "pre"
+            g.channelwise = sorted({f"aten.{op} in {mod or '<root>'}" for a, op, mod in self.channelwise
+                                    if s.find(a) == key and mod not in norms})
             self._mark_norm_readers(g)
             if g.norm_position == "post":
                 reasons.append("post-LN: the stream itself is normalised after every residual add, so no "

@@ -3,7 +3,8 @@
 Float64 Gram G = XᵀX, column sums and token count per group, accumulated batch by batch through forward
 pre-hooks: activations are never stored. Observation points:
   mlp / heads / channels  the input of the group's consumer (down_proj; o_proj, heads × head_dim; next conv)
-  residual                the RMS-normalised stream entering every norm, pooled (what the consumers see)
+  residual                the RMS-normalised stream entering every norm, pooled (what the consumers see;
+                          centred first for LayerNorm)
 """
 from __future__ import annotations
 
@@ -67,8 +68,10 @@ def _install(model, group: WidthGroup, cal: Calibration) -> list:
     stats = cal.stats[group.name] = Stats(torch.zeros(n_ch, n_ch, dtype=torch.float64),
                                           torch.zeros(n_ch, dtype=torch.float64))
     if group.kind == "residual":
-        def on_norm(_module, args):
+        def on_norm(module, args):
             x = args[0].to(torch.float64)
+            if isinstance(module, torch.nn.LayerNorm):  # the rewrite centres LayerNorm streams: see them so
+                x = x - x.mean(-1, keepdim=True)
             stats.add(x / x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt())
         return [model.get_submodule(n).register_forward_pre_hook(on_norm) for n in group.norms]
     consumer = _observed_consumer(group)

@@ -116,8 +116,16 @@ def run(job: Job) -> dict:
         bar = tqdm(desc=f"{spec.method} layer by layer", unit="block", disable=not job.progress, leave=False)
         the_pass = build_pass(spec, analysis, calibration, inputs, previous=pass_reports,
                               batches=calib if job.layerwise else None, progress=_bar_update(bar))
-        result = the_pass(current)
-        bar.close()
+        try:
+            result = the_pass(current)
+        except (RuntimeError, ValueError, IndexError) as e:  # raised by the model's own forward once resized
+            raise DotResizeError(
+                f"the model no longer runs after {spec.method} resized it ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}): its forward derives a width from something the "
+                "rewrite cannot see (a tensor's shape, a hard-coded number); leave that width unchanged "
+                "(--debug shows where)") from e
+        finally:
+            bar.close()
         calib_forward_s += the_pass.report.get("calib_forward_s", 0.0)
         current = result.graph_module
         pass_reports.append({"method": spec.method, "options": spec.options, **the_pass.report,

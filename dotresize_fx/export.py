@@ -1,6 +1,7 @@
 """ONNX export (torch.onnx, dynamo) and validation under onnxruntime (DESIGN §6)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import DotResizeError
-from .load import model_outputs
+from .load import main_output, model_outputs
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +20,25 @@ PPL_REL_TOL = 0.005
 
 
 class _Logits(torch.nn.Module):
-    """input_ids → logits, so the ONNX graph has one named input and one output whatever the model returns."""
-    def __init__(self, model):
+    """input_ids (+ attention_mask) → logits: fixed input and output names whatever the model returns."""
+    def __init__(self, model, mask: bool):
         super().__init__()
-        self.model = model
+        self.model, self.mask = model, mask
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None):
+        if self.mask:
+            return main_output(self.model(input_ids, attention_mask=attention_mask))
         return model_outputs(self.model, (input_ids,))
+
+
+def takes_mask(model: torch.nn.Module, example_inputs: tuple) -> bool:
+    """Token-id models whose forward has an `attention_mask` argument export it as a second input."""
+    if example_inputs[0].is_floating_point():
+        return False
+    try:
+        return "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path) -> Path:
@@ -35,11 +48,16 @@ def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path) -> 
         raise DotResizeError(f"cannot write {path}: directory {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.tmp.onnx")
     ids = example_inputs[0]
-    dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} if not ids.is_floating_point() else {0: torch.export.Dim.AUTO}
+    auto = torch.export.Dim.AUTO
+    dims = {0: auto, 1: auto} if not ids.is_floating_point() else {0: auto}
+    mask = takes_mask(model, example_inputs)
+    args, names, shapes = (ids,), ["input_ids"], (dims,)
+    if mask:
+        args, names, shapes = (ids, torch.ones_like(ids)), names + ["attention_mask"], (dims, dict(dims))
     try:
         with torch.no_grad():
-            program = torch.onnx.export(_Logits(model).eval(), (ids,), dynamo=True, input_names=["input_ids"],
-                                        output_names=["logits"], dynamic_shapes=({**dims},), verbose=False)
+            program = torch.onnx.export(_Logits(model, mask).eval(), args, dynamo=True, input_names=names,
+                                        output_names=["logits"], dynamic_shapes=shapes, verbose=False)
         program.save(str(tmp), external_data=False)
     except Exception as e:
         tmp.unlink(missing_ok=True)
@@ -60,28 +78,44 @@ def session(path: str | Path, threads: int = 2):
 
 
 def ort_forward(sess):
-    def forward(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy().astype(np.int64)})[0])
+    """ids (, mask) → logits under onnxruntime; an all-ones mask when the file takes one and none is given."""
+    names = {i.name for i in sess.get_inputs()}
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        feed = {"input_ids": ids.numpy().astype(np.int64)}
+        if "attention_mask" in names:
+            feed["attention_mask"] = (torch.ones_like(ids) if mask is None else mask).numpy().astype(np.int64)
+        return torch.from_numpy(sess.run(["logits"], feed)[0])
     return forward
 
 
 def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """max |logits_ORT − logits_torch| over the given id batches (use two shapes: dynamic dims are checked)."""
+    """max |logits_ORT − logits_torch| over the given id batches (use two shapes: dynamic dims are checked);
+    when the file takes an attention mask, also with the last positions of the first row padded out."""
     worst = 0.0
     fwd = ort_forward(sess)
+    masked = "attention_mask" in {i.name for i in sess.get_inputs()}
     with torch.no_grad():
         for ids in batches:
             worst = max(worst, (fwd(ids) - model_outputs(model, (ids,))).abs().max().item())
+            if masked and ids.shape[1] > 2:
+                mask = torch.ones_like(ids)
+                mask[0, -2:] = 0
+                want = main_output(model(ids, attention_mask=mask))
+                worst = max(worst, (fwd(ids, mask) - want).abs().max().item())
     return worst
 
 
 def latency(sess, batch: int, seq: int, vocab: int, repeats: int = 3) -> float:
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
-    sess.run(["logits"], {"input_ids": ids})  # warm-up
+    feed = {"input_ids": ids}
+    if "attention_mask" in {i.name for i in sess.get_inputs()}:
+        feed["attention_mask"] = np.ones_like(ids)
+    sess.run(["logits"], feed)  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        sess.run(["logits"], {"input_ids": ids})
+        sess.run(["logits"], feed)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

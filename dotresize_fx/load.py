@@ -201,8 +201,12 @@ def _check_factory_output(spec: str, out: Any) -> Loaded:
 
 
 def model_outputs(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    """The model's main output tensor (HF `logits`, else the tensor or the first element it returns)."""
-    out = model(*inputs)
+    """The model's main output tensor on `inputs` (see `main_output`)."""
+    return main_output(model(*inputs))
+
+
+def main_output(out) -> torch.Tensor:
+    """HF `logits`, else the tensor or the first element a model returned."""
     if hasattr(out, "logits"):
         return out.logits
     if isinstance(out, (tuple, list)):

@@ -18,7 +18,7 @@ from .analyze import Analysis, WidthGroup
 from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of, collect_stats
 from .errors import DotResizeError
 from .load import model_outputs
-from .rewrite import WidthMap, apply, finalize
+from .rewrite import WidthMap, apply, finalize, restored
 
 log = logging.getLogger(__name__)
 
@@ -269,18 +269,16 @@ def refine_unmerge(model, analysis: Analysis, g: WidthGroup, w: WidthMap, runner
     captured: list[torch.Tensor] = []
     hook = model.get_submodule(consumer.module).register_forward_pre_hook(
         lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
-    saved = {site: getattr(model.get_submodule(site[0]), site[1]) for site in _sites(model, g)}
     try:
         if target is None:
             runner.run(block)                               # h: original producers, current inputs
             target = captured[:]
             captured.clear()
-        apply(model, analysis, {g.name: w}, inplace=True, finalize=False)
-        runner.run(block)                                   # h': merged producers
+        with restored(runner.blocks[block]):                # a trial: the pass applies the refined map
+            apply(model, analysis, {g.name: w}, inplace=True, finalize=False)
+            runner.run(block)                               # h': merged producers
     finally:
         hook.remove()
-        for (module, attr), p in saved.items():             # back to the original weights: the pass applies
-            setattr(model.get_submodule(module), attr, p)
     n_out = captured[0].shape[-1]
     A = torch.zeros(n_out, n_out, dtype=torch.float64)
     B = torch.zeros(n_out, target[0].shape[-1], dtype=torch.float64)
@@ -297,6 +295,3 @@ def refine_unmerge(model, analysis: Analysis, g: WidthGroup, w: WidthMap, runner
     return w
 
 
-def _sites(model, g: WidthGroup) -> set[tuple[str, str]]:
-    from .rewrite import _owner
-    return {_owner(model, m) for m in g.members}

@@ -6,10 +6,12 @@ Row-vector convention: a consumer computes x·W with W ∈ R^{n×out}; a group o
   passthrough  g ← g·M              (exact for selections and permutations: M's columns sum to 1)
 The residual stream is read through norms, so it takes an orthonormal map: M = Q·R (QR), producers write x·Q,
 each norm's gain is folded into the consumers that read it, the norm keeps the constant gain sqrt(n/m), and
-consumers become R·U·diag(g)·W_c.
+consumers become R·U·diag(g)·W_c. A LayerNorm stream is first made zero-mean (every producer centred) and
+mapped by a Q that keeps it zero-mean, so the stock LayerNorm modules act as RMSNorm (`_centred_basis`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+MODULE_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads")
 
 
 @dataclass
@@ -67,6 +70,17 @@ class WidthMap:
             K = selection_matrix(kv, kv_keep)
             w.kv_merge, w.kv_unmerge, w.kv_keep = K, K.T.contiguous(), kv_keep
         return w
+
+
+@contextlib.contextmanager
+def restored(module: torch.nn.Module):
+    """Undo, on exit, whatever a trial `apply` did inside `module`: parameters and module attributes."""
+    saved = [(m, {k: dict(v) if k == "_parameters" else v for k, v in vars(m).items()}) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, attrs in saved:
+            vars(m).update(attrs)
 
 
 def selection_matrix(n: int, keep: torch.Tensor) -> torch.Tensor:
@@ -113,6 +127,8 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
     report.untied = _untied(model, ids_before)
     if finalize:
         _finalize(model, analysis, maps, report)
+    else:
+        _update_module_attrs(model, analysis, maps)  # the model runs between steps (layerwise calibration)
     return model, report
 
 
@@ -126,6 +142,7 @@ def finalize(model, analysis: Analysis, maps: dict[str, WidthMap]) -> RewriteRep
 def _finalize(model, analysis, maps, report) -> None:
     _update_module_attrs(model, analysis, maps)
     _update_config(model, analysis, maps, report)
+    _share_config(model)
 
 
 def _check_map(group: WidthGroup, w: WidthMap) -> None:
@@ -181,48 +198,110 @@ def _linear_ops(model, group: WidthGroup, w: WidthMap, sites) -> None:
 
 
 def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, report) -> None:
-    if _centers(model, group):
-        if not _is_selection(w.merge):
-            raise DotResizeError(f"{group.name}: merging a LayerNorm residual stream is not supported yet "
-                                 "(only permutations/selections are); use --residual 0 or an RMSNorm model")
-        _linear_ops(model, group, w, sites)
+    centre = _centers(model, group)
+    if centre and _is_selection(w.merge):
+        _linear_ops(model, group, w, sites)  # keeping channels: LayerNorm simply normalises over the kept ones
         return
-    Q, R = torch.linalg.qr(w.merge)
-    C = R @ w.unmerge                                # consumers read z = x·Q and rebuild x ≈ z·R·U
+    if group.channelwise:
+        raise DotResizeError(f"{group.name}: {group.channelwise[0]} acts on each channel of the stream alone, so "
+                             "only keeping channels (prune) preserves it; do not merge or rotate this width")
     n, m = w.n, w.m
+    if centre:
+        _check_centrable(group, m)
+        Q = _centred_basis(w.merge)
+        producer = torch.eye(n, dtype=torch.float64) - 1.0 / n  # mean subtraction, folded into every writer
+    else:
+        Q, _ = torch.linalg.qr(w.merge)
+        producer = torch.eye(n, dtype=torch.float64)
+    C = Q.T @ w.merge @ w.unmerge                    # consumers read z = x·Q and rebuild x ≈ z·C (= R·U for QR)
     gain = math.sqrt(n / m)
-    gains = {name: _effective_gain(model, name) for name in group.norms}
+    norms = {name: _norm_affine(model, name) for name in group.norms}
     for mem in group.members:
         site = _owner(model, mem)
         if mem.role == "producer":
-            sites[site].append((mem.dim, mem.offset, mem.length or n, Q))
+            sites[site].append((mem.dim, mem.offset, mem.length or n, producer @ Q * _embed_scale(model, site, m)))
         elif mem.role == "consumer":
-            g = gains[mem.reads][0] if mem.reads else torch.ones(n, dtype=torch.float64)
+            g = norms[mem.reads][0] if mem.reads else torch.ones(n, dtype=torch.float64)
             sites[site].append((mem.dim, mem.offset, mem.length or n, torch.diag(g) @ C.T))
-        elif mem.role == "passthrough" and mem.module in gains:
-            _, offset = gains[mem.module]
-            overwrite[site] = torch.full((m,), gain - offset, dtype=torch.float64)
-    report.notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})")
+        elif mem.role == "passthrough" and mem.module in norms:
+            g, offset, b = norms[mem.module]
+            if site[1] == "bias":
+                overwrite[site] = (b / g) @ Q  # LayerNorm(x) = (x̂ + b/g)·g: the bias travels with x̂
+            else:
+                overwrite[site] = torch.full((m,), gain - offset, dtype=torch.float64)
+    report.notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})"
+                        + ("; producers centred so LayerNorm acts as RMSNorm" if centre else ""))
+
+
+def _embed_scale(model, site: tuple[str, str], m: int) -> float:
+    """Gemma-style embeddings multiply by sqrt(hidden_size), which a stock config recomputes from the new
+    width: set the scale to sqrt(m) and fold the ratio into the weights (returned), so nothing changes."""
+    mod = model.get_submodule(site[0])
+    scale = getattr(mod, "embed_scale", None)
+    n = mod.weight.shape[-1]
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or abs(scale.item() - math.sqrt(n)) > 1e-4:
+        return 1.0
+    with torch.no_grad():
+        scale.fill_(math.sqrt(m))
+    if isinstance(getattr(mod, "scalar_embed_scale", None), float):
+        mod.scalar_embed_scale = math.sqrt(m)
+    return math.sqrt(n / m)
 
 
 def _centers(model, group: WidthGroup) -> bool:
-    """Whether the group's norms subtract the mean (LayerNorm, or any norm with a bias): not rotation-invariant."""
-    return any(isinstance(model.get_submodule(n), torch.nn.LayerNorm)
-               or getattr(model.get_submodule(n), "bias", None) is not None for n in group.norms)
+    """Whether the group's norms subtract the mean (LayerNorm): not rotation-invariant as they stand."""
+    return any(isinstance(model.get_submodule(n), torch.nn.LayerNorm) for n in group.norms)
+
+
+def _check_centrable(group: WidthGroup, m: int) -> None:
+    raw = sorted({mem.module for mem in group.members if mem.role == "consumer" and not mem.reads})
+    if raw:
+        raise DotResizeError(f"{group.name}: {', '.join(raw)} read the residual stream without a LayerNorm, so "
+                             "centring the stream would change their input; only keep/prune its channels")
+    if m < 2:
+        raise DotResizeError(f"{group.name}: a LayerNorm stream needs at least 2 channels; lower the reduction")
+
+
+def _centred_basis(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Q (n×m) with Q·1_m ∥ 1_n, spanning the top m−1 zero-mean directions of M and 1_n.
+
+    A zero-mean stream x then maps to a zero-mean z = x·Q, on which LayerNorm equals RMSNorm; the one
+    direction spent on 1_n carries nothing (x ⊥ 1_n), the price of keeping stock LayerNorm modules.
+    """
+    n, m = M.shape
+    u = torch.full((n, 1), n ** -0.5, dtype=torch.float64)
+    S, _, _ = torch.linalg.svd(M - u @ (u.T @ M), full_matrices=False)
+    Q1 = torch.cat([S[:, :m - 1], u], dim=1)
+    v = torch.full((m, 1), m ** -0.5, dtype=torch.float64)
+    v[-1] -= 1.0
+    H = torch.eye(m, dtype=torch.float64) - 2.0 * (v @ v.T) / (v.T @ v)  # swaps e_m and 1_m/√m
+    return Q1 @ H
 
 
 def _is_selection(M: torch.Tensor) -> bool:
     return bool(((M == 0) | (M == 1)).all() and (M.sum(0) == 1).all() and (M.sum(1) <= 1).all())
 
 
-def _effective_gain(model, name: str) -> tuple[torch.Tensor, float]:
-    """(g, offset): the norm multiplies its normalised input by g = weight + offset (Gemma: offset 1).
+def _norm_affine(model, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(g, offset, b): the norm computes x̂·g + b with g = weight + offset (Gemma: offset 1).
 
-    Probed, not assumed: a large constant input has RMS equal to itself, so the output is the gain.
+    RMSNorm-style gains are probed, not assumed: a large constant input has RMS equal to itself, so the
+    output is the gain. LayerNorm maps a constant to its bias, so its affine parameters are read directly.
     """
     norm = model.get_submodule(name)
-    weight = norm.weight
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise DotResizeError(f"norm {name} has no weight to carry the sqrt(n/m) gain; keep the residual width")
     n = weight.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float64)
+    if isinstance(norm, torch.nn.LayerNorm):
+        g = weight.detach().to(torch.float64)
+        b = norm.bias.detach().to(torch.float64) if norm.bias is not None else zeros
+        if norm.bias is not None and bool((g.abs() < 1e-12).any()):
+            raise DotResizeError(f"LayerNorm {name} has a zero gain with a bias; its bias cannot be folded")
+        return g, 0.0, b
+    if getattr(norm, "bias", None) is not None:
+        raise DotResizeError(f"norm {name} ({type(norm).__name__}) has a bias but does not centre: not supported")
     probe = torch.full((1, n), 1e3, dtype=weight.dtype)
     with torch.no_grad():
         g = norm(probe)[0].to(torch.float64)
@@ -230,7 +309,7 @@ def _effective_gain(model, name: str) -> tuple[torch.Tensor, float]:
         weight.zero_()
         offset = norm(probe)[0].to(torch.float64).mean().item()
         weight.copy_(saved)
-    return g, offset
+    return g, offset, zeros
 
 
 def _transform(P: torch.Tensor, ops) -> torch.Tensor:
@@ -279,10 +358,17 @@ def _untied(model, before: dict[str, int]) -> list[str]:
     return untied
 
 
-def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap]) -> None:
+def sync_shapes(model) -> None:
+    """Module attributes that restate a parameter's shape (in_features, normalized_shape, …)."""
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear: forward reads self.nf
+    except ImportError:
+        Conv1D = ()
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, Conv1D):
+            mod.nx, mod.nf = mod.weight.shape
         elif isinstance(mod, torch.nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and mod.weight is not None:
@@ -292,6 +378,10 @@ def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap]) -
             mod.in_channels = mod.weight.shape[1] * mod.groups
         elif isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
             mod.num_features = mod.weight.shape[0]
+
+
+def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap]) -> None:
+    sync_shapes(model)
     for name, w in maps.items():
         group = analysis.group(name)
         if group.kind != "heads":
@@ -308,6 +398,33 @@ def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap]) -
                     setattr(mod, attr, kv_after)
             if hasattr(mod, "num_key_value_groups"):
                 mod.num_key_value_groups = w.m // kv_after
+            if getattr(mod, "split_size", None) == group.size * group.unit:  # GPT-2 splits fused qkv by it
+                mod.split_size = w.m * group.unit
+            _own_head_counts(mod, w.m, kv_after)
+
+
+def _own_head_counts(mod, heads: int, kv: int) -> None:
+    """Modules that read head counts from the shared config in forward (Phi-3) get a copy with their own."""
+    cfg = getattr(mod, "config", None)
+    if cfg is None or getattr(cfg, "num_attention_heads", None) is None:
+        return
+    if (cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", kv)) != (heads, kv):
+        mod.config = copy.copy(cfg)
+        mod.config.num_attention_heads = heads
+        if getattr(cfg, "num_key_value_heads", None) is not None:
+            mod.config.num_key_value_heads = kv
+
+
+def _share_config(model) -> None:
+    """Give modules whose own config copy now agrees with the model's the shared config back."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for mod in model.modules():
+        own = getattr(mod, "config", None)
+        if mod is not model and own is not None and own is not config and type(own) is type(config) and all(
+                getattr(own, k, None) == getattr(config, k, None) for k in MODULE_CONFIG_KEYS):
+            mod.config = config
 
 
 def _update_config(model, analysis: Analysis, maps: dict[str, WidthMap], report: RewriteReport) -> None:
@@ -362,18 +479,11 @@ def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple,
     checks = [("identity", {grp.name: _identity(grp) for grp in groups}),
               ("permutation", {grp.name: _permutation(grp, g) for grp in groups})]
     for grp in groups:
-        if grp.kind == "residual":
-            if _centers(model, grp):
-                checks.append((f"rotation {grp.name}", None))
-            else:
-                Q, _ = torch.linalg.qr(torch.randn(grp.size, grp.size, generator=g, dtype=torch.float64))
-                checks.append((f"rotation {grp.name}", {grp.name: WidthMap(grp.name, Q, Q.T.contiguous())}))
+        if grp.kind == "residual" and not grp.channelwise:
+            Q, _ = torch.linalg.qr(torch.randn(grp.size, grp.size, generator=g, dtype=torch.float64))
+            checks.append((f"rotation {grp.name}", {grp.name: WidthMap(grp.name, Q, Q.T.contiguous())}))
     results = []
     for name, maps in checks:
-        if maps is None:
-            results.append({"name": name, "max_abs_diff": None, "ok": True,
-                            "skipped": "LayerNorm residual: rotation needs LayerNorm→RMSNorm conversion"})
-            continue
         new, _ = apply(ref_model, analysis, maps)
         with torch.no_grad():
             out = model_outputs(new, inputs).double()

@@ -1,28 +1,32 @@
 """Save a compressed model and load it back (DESIGN §6). Never pickles; writes atomically.
 
-Every output directory holds `model.safetensors` and `resize_plan.json`: the plan names the source model spec
-and every parameter's new shape, so `load(dir)` replays it on a fresh copy of the source. When the result is a
-stock architecture the directory is also a Hugging Face checkpoint (`from_pretrained` loads it directly).
+Every output directory holds `model.safetensors`, `buffers.safetensors` (non-persistent buffers) and
+`resize_plan.json`: the plan names the source model spec and every parameter's new shape, so `load(dir)` replays
+it on a fresh copy of the source. When the model class, rebuilt from the new config, holds exactly the
+compressed model, the directory is also a Hugging Face checkpoint (`from_pretrained` loads it directly).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .cache import atomic_dir
 from .errors import DotResizeError
-from .rewrite import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, _update_module_attrs
+from .load import model_outputs
+from .rewrite import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, MODULE_CONFIG_KEYS, sync_shapes
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "resize_plan.json"
 WEIGHTS = "model.safetensors"
+BUFFERS = "buffers.safetensors"  # non-persistent buffers: not in a state dict, but part of the function
 FORMAT = 1
-_COUNT_ATTRS = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ("num_key_value_groups",)
+_COUNT_ATTRS = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ("num_key_value_groups", "split_size")
 
 
 def check_output_dir(out: Path, source: str, overwrite: bool) -> None:
@@ -42,7 +46,7 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
     out = Path(out)
     check_output_dir(out, source, overwrite)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        stock = stock and hasattr(model, "save_pretrained")
+        stock = stock and hasattr(model, "save_pretrained") and _rebuilds_from_config(model)
         if stock:
             try:
                 model.save_pretrained(tmp)  # config.json + model.safetensors
@@ -53,6 +57,7 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
                     f.unlink()
         if not stock:
             save_model(model, str(tmp / WEIGHTS))
+        save_file(_nonpersistent_buffers(model), str(tmp / BUFFERS))  # e.g. a rescaled embed_scale
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(json.dumps(_plan(model, source, stock), indent=1))
@@ -61,12 +66,44 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
     return out
 
 
+def _rebuilds_from_config(model) -> bool:
+    """Whether the model class, built from the new config, holds exactly this model: the same parameter
+    shapes, the same buffers once the weights are loaded, the same logits on a few tokens.
+
+    Uniform widths are not enough: GPT-2 and OPT derive head_dim from hidden_size, and a config can imply
+    constants (an embedding scale) the rewrite did not set; such models are saved in our format instead.
+    """
+    from transformers.initialization import no_init_weights
+    try:
+        with no_init_weights():
+            fresh = type(model)(copy.deepcopy(model.config)).eval()
+        fresh.load_state_dict(model.state_dict(), strict=True)
+    except Exception as e:  # the config refuses these widths, or builds other shapes
+        log.warning("not saved as a stock checkpoint (%s); reload with dotresize_fx.load",
+                    str(e).splitlines()[0][:300])
+        return False
+    ours = dict(model.named_buffers())
+    differ = [n for n, b in fresh.named_buffers() if n not in ours or not torch.equal(b, ours[n].to(b.dtype))]
+    if not differ and getattr(model, "main_input_name", None) == "input_ids":
+        ids = torch.arange(8).remainder(model.config.get_text_config().vocab_size)[None]
+        with torch.no_grad():
+            if not torch.equal(model_outputs(fresh, (ids,)), model_outputs(model, (ids,))):
+                differ = ["logits"]
+    if differ:
+        log.warning("not saved as a stock checkpoint: built from its config the model differs in %s; reload "
+                    "with dotresize_fx.load", differ[0])
+    return not differ
+
+
 def _plan(model, source: str, stock: bool) -> dict:
     src = Path(source)
     config = getattr(model, "config", None)
     attrs = {}
     for name, mod in model.named_modules():
         found = {a: getattr(mod, a) for a in _COUNT_ATTRS if isinstance(getattr(mod, a, None), int)}
+        own = getattr(mod, "config", None)
+        if name and own is not None and own is not config:  # per-layer head counts read from a config copy
+            found["config"] = {k: getattr(own, k) for k in MODULE_CONFIG_KEYS if hasattr(own, k)}
         if found:
             attrs[name] = found
     return {"format": FORMAT, "source": str(src.resolve()) if src.exists() else source, "stock": stock,
@@ -115,11 +152,20 @@ def load_compressed(path: str | Path):
     if unexpected or set(missing) - aliases - _buffers(model):
         raise DotResizeError(f"{weights} does not match its plan: missing {sorted(set(missing) - aliases)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
-    _update_module_attrs(model, None, {})
+    if (path / BUFFERS).is_file():
+        for name, value in load_file(str(path / BUFFERS)).items():
+            module, _, attr = name.rpartition(".")
+            model.get_submodule(module).register_buffer(attr, value, persistent=False)
+    sync_shapes(model)
     for module, values in plan["module_attrs"].items():
         mod = model.get_submodule(module) if module else model
         for attr, value in values.items():
-            setattr(mod, attr, value)
+            if attr == "config":
+                mod.config = copy.copy(mod.config)
+                for key, v in value.items():
+                    setattr(mod.config, key, v)
+            else:
+                setattr(mod, attr, value)
     config = getattr(model, "config", None)
     if config is not None and plan.get("config"):
         for key, value in plan["config"].items():
@@ -127,6 +173,11 @@ def load_compressed(path: str | Path):
                 setattr(config, key, value)
     tokenizer = source.tokenizer
     return Loaded(model.eval(), tokenizer, source.example_inputs)
+
+
+def _nonpersistent_buffers(model) -> dict[str, torch.Tensor]:
+    persistent = set(model.state_dict())
+    return {n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n not in persistent}
 
 
 def _buffers(model) -> set[str]:

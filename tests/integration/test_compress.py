@@ -9,6 +9,7 @@ import torch
 import models
 from dotresize_fx.cli import main
 from dotresize_fx.compress import Job, PassSpec, run
+from dotresize_fx.errors import DotResizeError
 from dotresize_fx.load import load
 
 FACTORY = str(Path(__file__).resolve().parents[1] / "models.py")
@@ -113,3 +114,68 @@ def test_per_layer_widths_save_our_format_and_replay(tmp_path):
     assert again.model.layers[1].mlp.down_proj.in_features == 32
     with torch.no_grad():
         assert torch.equal(again(*inputs).logits, new(*inputs).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+@pytest.mark.parametrize("passes", ["dotresize:residual=0.25", "pca:residual=0.25"])
+def test_layernorm_residual_merges_and_replays_from_plan(arch, passes, tmp_path):
+    """A pre-LN LayerNorm stream is centred and mapped; GPT-2/OPT derive head_dim from hidden_size, so the
+    narrower model is not a stock config: saved in our format and replayed exactly."""
+    report = run(_job(arch, passes, tmp_path))
+    assert report["widths"]["residual.0"] == 48
+    assert report["graph_check_max_abs_diff"] < 1e-4
+    plan = json.loads((tmp_path / "out" / "resize_plan.json").read_text())
+    assert not plan["stock"] and not (tmp_path / "out" / "config.json").exists()
+    replayed = load(tmp_path / "out").model
+    ids = models._ids()[0]
+    with torch.no_grad():
+        assert torch.equal(replayed(ids).logits, report["_model"](ids).logits)
+
+
+def test_layernorm_merge_keeps_the_function_on_the_kept_subspace():
+    """A merge whose span holds the whole (centred) stream loses nothing: only the 1-direction is spent."""
+    from dotresize_fx.analyze import analyze
+    from dotresize_fx.rewrite import WidthMap, apply
+    model, inputs = models.gpt2()
+    a = analyze(model, inputs)
+    g = a.by_kind("residual")[0]
+    n = g.size
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    new, _ = apply(model.double(), a, {g.name: WidthMap(g.name, Q, Q.T.contiguous())})
+    lossy, _ = apply(model.double(), a, {g.name: WidthMap(g.name, Q[:, :n // 2], Q[:, :n // 2].T.contiguous())})
+    with torch.no_grad():
+        want = model(*inputs).logits
+        assert (new(*inputs).logits - want).abs().max() < 1e-10
+        assert (lossy(*inputs).logits - want).abs().max() > 1e-3  # and the check can fail
+
+
+def test_channelwise_stream_refuses_merges_but_prunes(tmp_path):
+    """MLP-Mixer's token MLP applies GELU to each residual channel: only keeping channels is exact."""
+    with pytest.raises(DotResizeError, match="aten.gelu"):
+        run(_job("mixer", "dotresize:residual=0.25", tmp_path))
+    report = run(_job("mixer", "prune:residual=0.25", tmp_path))
+    assert report["widths"]["residual.0"] == 24
+
+
+def test_width_derived_from_a_shape_in_forward_is_a_clear_error(tmp_path):
+    """nanoGPT splits qkv by x.size(-1): its residual cannot shrink without its heads; say so, do not crash."""
+    with pytest.raises(DotResizeError, match="no longer runs"):
+        run(_job("nanogpt", "prune:residual=0.25", tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "phi3", "gemma", "qwen2", "mistral"])
+def test_every_width_of_hf_architectures_compresses_and_reloads(arch, tmp_path):
+    """MLP, heads and residual at once, layer by layer: GPT-2's Conv1D/split_size and Phi-3's config-read head
+    counts are kept in step while the model runs between blocks; the result reloads to identical logits."""
+    from transformers import AutoModelForCausalLM
+    report = run(_job(arch, "dotresize:mlp=0.25,heads=0.5,residual=0.25", tmp_path))
+    assert report["graph_check_max_abs_diff"] < 1e-4
+    assert {w for n, w in report["widths"].items() if n.startswith("heads")} == {2}
+    ids = models._ids()[0]
+    plan = json.loads((tmp_path / "out" / "resize_plan.json").read_text())
+    with torch.no_grad():
+        want = report["_model"](ids).logits
+        assert torch.equal(load(tmp_path / "out").model(ids).logits, want)
+        if plan["stock"]:
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits, want)
+    assert plan["stock"] == (arch not in ("gpt2", "opt"))  # those derive head_dim from hidden_size

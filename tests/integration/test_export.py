@@ -15,13 +15,33 @@ def test_onnx_matches_torch_at_two_shapes(arch, tmp_path):
     model, inputs = getattr(models, arch)()
     path = to_onnx(model, inputs, tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == (["input_ids", "attention_mask"] if arch == "llama" else ["input_ids"])
     for shape in [(2, 10), (3, 17)]:
         ids = torch.randint(0, 128, shape)
-        got = sess.run(None, {"input_ids": ids.numpy().astype(np.int64)})[0]
+        feed = {"input_ids": ids.numpy().astype(np.int64)}
+        if "attention_mask" in names:
+            feed["attention_mask"] = np.ones(shape, dtype=np.int64)
+        got = sess.run(None, feed)[0]
         with torch.no_grad():
             out = model(ids)
             want = (out.logits if hasattr(out, "logits") else out).numpy()
         assert got.shape == want.shape and np.abs(got - want).max() < PARITY_TOL
+
+
+def test_onnx_attention_mask_pads_like_torch(tmp_path):
+    """A padded batch: ORT honours the mask as torch does (and the mask really changes the logits)."""
+    model, inputs = models.llama()
+    sess = ort.InferenceSession(str(to_onnx(model, inputs, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits.numpy()
+        unmasked = model(ids).logits.numpy()
+    assert np.abs(got - want)[0, 4:].max() < PARITY_TOL and np.abs(got - want)[1].max() < PARITY_TOL
+    assert np.abs(want - unmasked)[0, 4:].max() > 1e-3
 
 
 def test_failed_validation_says_by_how_much():

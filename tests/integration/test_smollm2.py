@@ -36,7 +36,7 @@ def test_prune_mlp_quarter_reloads_in_stock_transformers(tmp_path):
     # the ONNX file, checked here independently of the toolkit's own report
     import onnxruntime as ort
     sess = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_ids": ids.numpy()})[0]
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
     assert abs(got - stock(ids).logits.detach().numpy()).max() < 1e-3
     assert r["ppl_after"] > r["ppl_before"] and r["ppl_before"] == pytest.approx(json.loads(
         (tmp_path / "p" / "report.json").read_text())["ppl_before"])

@@ -14,10 +14,9 @@ def test_invariance_checks_pass(arch):
     names = [c["name"] for c in checks]
     assert names[:2] == ["identity", "permutation"]
     for c in checks:
-        if not c.get("skipped"):
-            assert c["max_abs_diff"] <= VERIFY_TOL, c
-    if arch in ("llama", "qwen2", "mistral", "phi3", "gemma"):  # RMSNorm: the rotation is really run
-        assert any(c["name"].startswith("rotation") and c["max_abs_diff"] is not None for c in checks)
+        assert c["max_abs_diff"] <= VERIFY_TOL, c
+    if arch not in ("bert", "cnn", "mixer"):  # RMSNorm and pre-LN LayerNorm streams: the rotation is run
+        assert any(c["name"].startswith("rotation") for c in checks)
 
 
 def test_a_wrong_map_is_caught():
