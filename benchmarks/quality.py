@@ -4,6 +4,7 @@ Writes benchmarks/results/quality-YYYY-MM-DD.json and a Markdown table (stdout a
 Each row is one `dotresize-fx compress --passes …` process (its own timings and peak RSS).
 
     .venv/bin/python benchmarks/quality.py [--seq-len 512 --eval-tokens 16384 --calib-samples 64] [--rows NAME…]
+        [--data validation:sotu]   # pick choices on the calibration split's held-out tail (quality-validation-*)
 """
 import argparse
 import datetime
@@ -23,11 +24,16 @@ ROWS = {
     "prune+ls-cholesky": "prune:mlp=0.25,unmerge=ls,importance=cholesky",
     "dotresize-mlp": "dotresize:mlp=0.25",
     "dotresize-mlp-cholesky": "dotresize:mlp=0.25,importance=cholesky",
+    "dotresize-mlp-mass0.5": "dotresize:mlp=0.25,mass=0.5",
+    "dotresize-mlp-mass0.25": "dotresize:mlp=0.25,mass=0.25",
     "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
     # residual 576→432 (one global map; a multiple of 9 heads for a stock config; the head is untied, counted)
     "prune-residual": "prune:residual=0.25",
     "pca-global": "pca:residual=0.25",
     "dotresize-residual": "dotresize:residual=0.25,unmerge=pinv",
+    # residual 576→432 with a basis per block and an adapter on each skip (not a stock architecture)
+    "pca-per_layer": "pca:residual=0.25,residual_maps=per_layer",
+    "dotresize-residual-per_layer": "dotresize:residual=0.25,unmerge=pinv,residual_maps=per_layer",
     # heads 9→6 per layer (one q head per GQA group)
     "prune-heads+ls": "prune:heads=0.34,unmerge=ls",
     "dotresize-heads": "dotresize:heads=0.34",
@@ -48,6 +54,7 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", default="sotu")
     p.add_argument("--rows", nargs="*", default=list(ROWS))
     args = p.parse_args()
     rows, dense = [], None
@@ -70,7 +77,7 @@ def _compress(args, passes: str) -> dict:
     """One row = one `dotresize-fx compress` process, so its peak RSS and timings are its own."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "dotresize_fx.cli", "--threads", str(args.threads), "compress", args.model,
-               "--passes", passes, "--data", "sotu", "--seq-len", str(args.seq_len), "--eval-tokens",
+               "--passes", passes, "--data", args.data, "--seq-len", str(args.seq_len), "--eval-tokens",
                str(args.eval_tokens), "--calib-samples", str(args.calib_samples), "--out", f"{tmp}/out",
                "--json", f"{tmp}/report.json"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,12 +88,18 @@ def _write(args, dense, protocol, rows):
     today = datetime.date.today().isoformat()
     out = {"date": today, "machine": f"{platform.machine()}, {args.threads} threads", "dense_ppl": dense,
            "protocol": protocol, "rows": rows}
-    path = Path(__file__).parent / "results" / f"quality-{today}.json"
+    kind = "quality-validation" if args.data.startswith("validation:") else "quality"
+    reduced = "" if (args.seq_len, args.calib_samples, args.eval_tokens) == (512, 64, 16384) else \
+        f"-seq{args.seq_len}-calib{args.calib_samples}"  # the DESIGN §7 protocol has the plain name
+    path = Path(__file__).parent / "results" / f"{kind}-{today}{reduced}.json"
     if path.exists():  # rows measured earlier today under the same protocol stay, re-measured ones are replaced
         old = json.loads(path.read_text())
-        if old.get("protocol", {}).get("seq_len") == protocol.get("seq_len"):
+        same = ("corpus", "seq_len", "calib_samples")
+        if all(old.get("protocol", {}).get(k) == protocol.get(k) for k in same):
             names = {r["method"] for r in rows}
-            out["rows"] = rows = [r for r in old["rows"] if r["method"] not in names] + rows
+            order = {name: i for i, name in enumerate(ROWS)}
+            out["rows"] = rows = sorted([r for r in old["rows"] if r["method"] not in names] + rows,
+                                        key=lambda r: order.get(r["method"], len(order)))
     path.write_text(json.dumps(out, indent=1))
     table = ["| method | config | non-emb. params | reduction | ppl | × dense | compress s | calib fwd s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|",

@@ -29,6 +29,9 @@ class Stats:
         """E[x_i²] per channel (G_ii / N)."""
         return self.gram.diagonal() / max(self.count, 1)
 
+    def __add__(self, other: "Stats") -> "Stats":
+        return Stats(self.gram + other.gram, self.sum + other.sum, self.count + other.count)
+
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         self.gram += x.T @ x
@@ -39,18 +42,20 @@ class Stats:
 @dataclass
 class Calibration:
     stats: dict[str, Stats] = field(default_factory=dict)
+    norms: dict[str, Stats] = field(default_factory=dict)   # residual: each norm's own share of the pooled Gram
     forward_s: float = 0.0
     tokens: int = 0
 
 
 def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: list[str],
-                  progress: bool = True) -> Calibration:
-    """Run `batches` (tuples of model inputs) through `model` and accumulate Grams for `groups`."""
+                  progress: bool = True, per_norm: bool = False) -> Calibration:
+    """Run `batches` (tuples of model inputs) through `model` and accumulate Grams for `groups`
+    (`per_norm`: also one residual Gram per norm, for per-layer residual maps)."""
     cal = Calibration()
     hooks = []
     try:
         for name in groups:
-            hooks += _install(model, analysis.group(name), cal)
+            hooks += _install(model, analysis.group(name), cal, per_norm)
         t0 = time.perf_counter()
         with torch.inference_mode():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
@@ -63,17 +68,26 @@ def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: l
     return cal
 
 
-def _install(model, group: WidthGroup, cal: Calibration) -> list:
+def _install(model, group: WidthGroup, cal: Calibration, per_norm: bool = False) -> list:
     n_ch = group.size * group.unit
     stats = cal.stats[group.name] = Stats(torch.zeros(n_ch, n_ch, dtype=torch.float64),
                                           torch.zeros(n_ch, dtype=torch.float64))
     if group.kind == "residual":
-        def on_norm(module, args):
+        def on_norm(module, args, name):
             x = args[0].to(torch.float64)
             if isinstance(module, torch.nn.LayerNorm):  # the rewrite centres LayerNorm streams: see them so
                 x = x - x.mean(-1, keepdim=True)
-            stats.add(x / x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt())
-        return [model.get_submodule(n).register_forward_pre_hook(on_norm) for n in group.norms]
+            x = x / x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
+            stats.add(x)
+            if per_norm:
+                cal.norms[name].add(x)
+        hooks = []
+        for name in group.norms:
+            if per_norm:
+                cal.norms[name] = Stats(torch.zeros_like(stats.gram), torch.zeros_like(stats.sum))
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(
+                lambda mod, args, name=name: on_norm(mod, args, name)))
+        return hooks
     consumer = _observed_consumer(group)
     channel_dim = 1 if consumer.op.startswith("conv") else -1
     off, length = consumer.offset, consumer.length or n_ch

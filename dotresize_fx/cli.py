@@ -95,7 +95,7 @@ def cmd_compress(args) -> dict:
         options = {k: v for k, v in (("mlp", args.mlp), ("heads", args.heads), ("residual", args.residual)) if v}
         if args.budget is not None:
             options = _budget_options(args)
-        for key in ("importance", "unmerge"):
+        for key in ("importance", "unmerge", "residual_maps"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
         specs = [PassSpec(args.method, options)]
@@ -183,7 +183,7 @@ def cmd_export(args) -> dict:
     return result
 
 
-DEMO_PASSES = "dotresize:mlp=0.25 quantize:int8"
+DEMO_PASSES = "dotresize:mlp=0.25,mass=0.25 quantize:int8"  # mass picked on validation:sotu (README)
 
 
 def cmd_demo(args) -> dict:
@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
     p.add_argument("--residual", type=float, default=0.0, help="fraction of the residual stream to remove")
     p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove (MLP widths)")
-    p.add_argument("--importance", choices=["weight", "activation", "act_weight"])
+    p.add_argument("--importance", choices=["weight", "activation", "act_weight", "cholesky"])
     p.add_argument("--unmerge", choices=["select", "ls", "ot", "pinv"])
+    p.add_argument("--residual-maps", choices=["global", "per_layer"],
+                   help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seed", type=int, default=0)
     _add_eval_protocol(p)

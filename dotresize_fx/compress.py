@@ -33,6 +33,7 @@ class PassSpec:
     """One pass of a pipeline: its name and options (`prune:mlp=0.2,importance=activation`)."""
     method: str
     options: dict = field(default_factory=dict)
+    targets_by: str = ""    # "prune": a fused prune → dotresize pair (see `add_on`)
 
     @staticmethod
     def parse(text: str) -> list["PassSpec"]:
@@ -50,6 +51,43 @@ class PassSpec:
                 options[key] = _number(value)
             specs.append(PassSpec(method, options))
         return specs
+
+
+class Pipeline:
+    """Passes run in order on one model, sharing calibration statistics: the Python face of `--passes`.
+
+        Pipeline(["prune:mlp=0.2", "dotresize:mlp=0.2", "quantize:int8"]).run("smollm2-135m", out="out/p")
+    """
+
+    def __init__(self, passes: list[str | PassSpec] | str):
+        items = passes.split() if isinstance(passes, str) else passes
+        self.passes = [p for item in items for p in (PassSpec.parse(item) if isinstance(item, str) else [item])]
+
+    def run(self, model: str, **job_options) -> dict:
+        """`Job` options (data, calib_samples, seq_len, eval_tokens, out, onnx, …) as keywords; the report."""
+        return run(Job(model, self.passes, **job_options))
+
+
+_TARGETS = ("mlp", "heads", "residual", "round_to")
+
+
+def add_on(specs) -> list[PassSpec]:
+    """`prune:X dotresize:X` with the same targets is DOTResize as an add-on to pruning: the pruning's
+    importance picks who stays, transport decides where the rest goes. That is one pass (DOTResize selecting
+    with the prune importance), so every block is calibrated once. Different targets run one after the other."""
+    out: list[PassSpec] = []
+    for spec in specs:
+        prev = out[-1] if out else None
+        if (spec.method == "dotresize" and prev is not None and prev.method == "prune"
+                and {k: prev.options.get(k) for k in _TARGETS} == {k: spec.options.get(k) for k in _TARGETS}):
+            importance = prev.options.get("importance", "act_weight")
+            if spec.options.get("importance", importance) != importance:
+                raise DotResizeError(f"prune picks the targets with importance={importance}, dotresize was given "
+                                     f"importance={spec.options['importance']}: drop one")
+            out[-1] = PassSpec("dotresize", {**spec.options, "importance": importance}, targets_by="prune")
+        else:
+            out.append(spec)
+    return out
 
 
 def _number(text: str):
@@ -83,7 +121,7 @@ def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
     from passes import build_pass
     quantize = [s for s in job.passes if s.method == "quantize"]
-    specs = [s for s in job.passes if s.method != "quantize"]
+    specs = add_on(s for s in job.passes if s.method != "quantize")
     onnx = job.onnx or bool(quantize)
     if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
@@ -104,18 +142,16 @@ def run(job: Job) -> dict:
     t = time.perf_counter()
     calib_forward_s = 0.0
     for i, spec in enumerate(specs):
-        if spec.method == "prune" and i + 1 < len(specs) and specs[i + 1].method == "dotresize":
-            # "prune → dotresize": the pruning decides who stays, OT decides where the rest goes
-            spec = PassSpec("prune", {**spec.options, "select_only": True})
         if calibration is None:
             # layerwise passes calibrate blocks themselves; the whole-model pass covers what spans blocks
             kinds = ("residual",) if job.layerwise else ("mlp", "heads", "residual")
             groups = [g.name for g in analysis.groups if g.resizable and g.kind in kinds]
-            calibration = collect_stats(current, analysis, calib, groups, progress=job.progress)
+            calibration = collect_stats(current, analysis, calib, groups, progress=job.progress,
+                                        per_norm=spec.options.get("residual_maps") == "per_layer")
             calib_forward_s += calibration.forward_s
         bar = tqdm(desc=f"{spec.method} layer by layer", unit="block", disable=not job.progress, leave=False)
-        the_pass = build_pass(spec, analysis, calibration, inputs, previous=pass_reports,
-                              batches=calib if job.layerwise else None, progress=_bar_update(bar))
+        the_pass = build_pass(spec, analysis, calibration, inputs, batches=calib if job.layerwise else None,
+                              progress=_bar_update(bar))
         try:
             result = the_pass(current)
         except (RuntimeError, ValueError, IndexError) as e:  # raised by the model's own forward once resized
@@ -128,7 +164,8 @@ def run(job: Job) -> dict:
             bar.close()
         calib_forward_s += the_pass.report.get("calib_forward_s", 0.0)
         current = result.graph_module
-        pass_reports.append({"method": spec.method, "options": spec.options, **the_pass.report,
+        pass_reports.append({"method": f"{spec.targets_by}>{spec.method}" if spec.targets_by else spec.method,
+                             "options": spec.options, **the_pass.report,
                              "_pass": the_pass})
         if result.modified and i + 1 < len(specs):
             analysis = analyze(current, inputs)

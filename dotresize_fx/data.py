@@ -6,7 +6,9 @@ Specs:
   * a ``.txt`` file or a folder of ``.txt`` files: the first 80% of the characters calibrate, the last 20% evaluate;
   * ``hf:NAME[:CONFIG]:SPLIT`` through the ``datasets`` library (needs it installed and a network); the first 80%
     of the rows calibrate, the last 20% evaluate;
-  * ``random``: synthetic inputs shaped like the model's example inputs, for models without a tokenizer.
+  * ``random``: synthetic inputs shaped like the model's example inputs, for models without a tokenizer;
+  * ``validation:SPEC``: SPEC's calibration split only: its first 80% calibrates, its last 20% evaluates, so
+    choices (reg, marginals, …) are picked without looking at SPEC's evaluation split.
 
 Windows: every window is ``seq_len`` tokens, the model's BOS first, then ``seq_len - 1`` tokens of text.
 """
@@ -46,6 +48,8 @@ class Corpus:
 
 def text(spec: str, split: Split) -> Corpus:
     """The text of one split of a data spec (see the module docstring)."""
+    if spec.startswith("validation:"):
+        return Corpus(spec, split, _split_chars(text(spec[len("validation:"):], "calibration").text, split))
     if spec == "sotu":
         return Corpus("sotu", split, _sotu_text(split))
     if spec.startswith("hf:"):
@@ -63,7 +67,7 @@ def text(spec: str, split: Split) -> Corpus:
         raise DotResizeError("data 'random' has no text: it is for models without a tokenizer "
                              "(use synthetic_inputs)")
     raise DotResizeError(f"unknown data spec {spec!r}: use 'sotu', a .txt file, a folder of .txt files, "
-                         "'hf:NAME[:CONFIG]:SPLIT' or 'random'")
+                         "'hf:NAME[:CONFIG]:SPLIT', 'validation:SPEC' or 'random'")
 
 
 def _split_chars(body: str, split: Split) -> str:

@@ -1,6 +1,7 @@
 """ONNX export (torch.onnx, dynamo) and validation under onnxruntime (DESIGN §6)."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import statistics
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import cache_dir
 from .errors import DotResizeError
 from .load import main_output, model_outputs
 
@@ -106,24 +108,42 @@ def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return worst
 
 
-def latency(sess, batch: int, seq: int, vocab: int, repeats: int = 3) -> float:
+def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 5) -> list[float]:
+    """Median seconds per run of each session on the same random ids; runs interleave (a, b, a, b, …) so that
+    the machine's drift hits every session alike."""
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
-    feed = {"input_ids": ids}
-    if "attention_mask" in {i.name for i in sess.get_inputs()}:
-        feed["attention_mask"] = np.ones_like(ids)
-    sess.run(["logits"], feed)  # warm-up
-    times = []
+    feeds = []
+    for sess in sessions:
+        feed = {"input_ids": ids}
+        if "attention_mask" in {i.name for i in sess.get_inputs()}:
+            feed["attention_mask"] = np.ones_like(ids)
+        sess.run(["logits"], feed)  # warm-up
+        feeds.append(feed)
+    times = [[] for _ in sessions]
     for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(["logits"], feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for sess, feed, t_list in zip(sessions, feeds, times):
+            t = time.perf_counter()
+            sess.run(["logits"], feed)
+            t_list.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def dense_onnx(model: torch.nn.Module, example_inputs: tuple) -> Path:
+    """The reference model's ONNX file, exported once per model content and cached (it never changes)."""
+    h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)}".encode())
+    for name, t in [*model.state_dict().items(), *model.named_buffers()]:
+        h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    path = cache_dir() / "onnx" / f"dense-{h.hexdigest()[:20]}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_onnx(model, example_inputs, path)
+    return path
 
 
 def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | None, example_inputs: tuple, *,
              dense_model: torch.nn.Module | None = None, vocab: int | None = None, corpus: str = "",
              latency_shapes=((1, 512), (8, 512)), threads: int = 2) -> dict:
-    """Parity, perplexity under ORT vs torch, and latency compressed/dense (a dense ONNX is exported to compare)."""
+    """Parity, perplexity under ORT vs torch, and latency compressed/dense (the dense ONNX is cached)."""
     from .evaluate import perplexity
     sess = session(onnx_path, threads)
     probe = [example_inputs[0]]
@@ -135,13 +155,8 @@ def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | No
         ppl_o = perplexity(ort_forward(sess), windows, corpus=corpus, progress=False)["ppl"]
         result.update(ppl_torch=ppl_t, ppl_ort=ppl_o, ppl_rel_diff=abs(ppl_o - ppl_t) / ppl_t)
     if dense_model is not None and vocab:
-        dense_path = onnx_path.with_name(".dense-for-latency.onnx")
-        try:
-            to_onnx(dense_model, example_inputs, dense_path)
-            dense = session(dense_path, threads)
-            lat = {f"{b}x{s}": (latency(sess, b, s, vocab), latency(dense, b, s, vocab)) for b, s in latency_shapes}
-        finally:
-            dense_path.unlink(missing_ok=True)
+        dense = session(dense_onnx(dense_model, example_inputs), threads)
+        lat = {f"{b}x{s}": latency([sess, dense], b, s, vocab) for b, s in latency_shapes}
         result["latency_s"] = {k: {"compressed": c, "dense": d} for k, (c, d) in lat.items()}
         result["latency_ratio"] = lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][0] / \
             lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][1]

@@ -5,6 +5,7 @@ the rest; `ensures` measures the output change on a fixed probe batch and record
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -12,13 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-import copy
-
 from .analyze import Analysis, WidthGroup
 from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of, collect_stats
 from .errors import DotResizeError
 from .load import model_outputs
-from .rewrite import WidthMap, apply, finalize, restored
+from .rewrite import WidthMap, apply, finalize, restored, stage_of
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +29,15 @@ class Targets:
     heads: float = 0.0
     residual: float = 0.0
     round_to: int = 8
+    residual_maps: str = "global"   # "per_layer": a basis per block, adapters on the skips (not stock)
 
     def __post_init__(self):
         for kind in ("mlp", "heads", "residual"):
             f = getattr(self, kind)
             if not 0.0 <= f < 1.0:
                 raise DotResizeError(f"--{kind} {f}: a fraction to remove must be in [0, 1)")
+        if self.residual_maps not in ("global", "per_layer"):
+            raise DotResizeError(f"residual_maps={self.residual_maps}: use global or per_layer")
 
     def fraction(self, kind: str) -> float:
         return getattr(self, kind, 0.0)
@@ -126,10 +128,6 @@ class WidthPass(PassBase):
             return w
         return refine_unmerge(model, self.analysis, g, w, runner, block, self.ls_reg, target)
 
-    def emit(self, maps: dict[str, WidthMap]) -> dict[str, WidthMap]:
-        """The maps to apply (a pass that only chooses, like prune before dotresize, applies none)."""
-        return maps
-
     def call(self, model: torch.nn.Module) -> PassResult:
         heads = {g.size for g in self.analysis.by_kind("heads")}
         stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
@@ -141,31 +139,47 @@ class WidthPass(PassBase):
         new = copy.deepcopy(model)
         blocks = block_list(new, self.analysis, self.batches) if self.batches is not None else None
         if blocks is None:
+            if self.targets.residual_maps == "per_layer" and self.targets.residual:
+                raise DotResizeError("per_layer residual maps need blocks that chain (hidden = block(hidden)) "
+                                     "and calibration batches; use residual_maps=global")
             missing = [n for n in plan.widths if n not in stats and self.analysis.group(n).kind != "channels"]
             if missing and self.batches is not None:  # blocks that do not chain: calibrate the whole model once
                 stats = {**stats, **collect_stats(model, self.analysis, self.batches, missing, progress=False).stats}
                 self.report["layerwise_skipped"] = "the model's blocks do not chain (residual added outside them)"
             maps = {name: self.group_map(new, self.analysis.group(name), m, kv, stats.get(name))
                     for name, (m, kv) in plan.widths.items()}
-            maps = self.emit(maps)
-            if not maps:
-                return PassResult(model, False)
             _, rewrite = apply(new, self.analysis, maps, inplace=True)
         else:
-            maps, rewrite = self._layerwise(model, new, plan, stats, blocks)
-            if not maps:
-                return PassResult(model, False)
+            _, rewrite = self._layerwise(model, new, plan, stats, blocks)
         self.report.update(widths=rewrite.widths, untied=rewrite.untied, config=rewrite.config,
                            stock=rewrite.stock, notes=rewrite.notes, layerwise=blocks is not None,
                            probe_max_abs_diff=probe_diff(model, new, self.probe))  # measured, not asserted: lossy
         return PassResult(new, True)
 
+    def _spanning_map(self, model, g: WidthGroup, m, kv, stats, blocks) -> WidthMap:
+        """A group that spans the blocks: one map, or for a per_layer residual one per block plus the last."""
+        if g.kind != "residual" or self.targets.residual_maps == "global":
+            return self.group_map(model, g, m, kv, stats)
+        prefix, n_blocks = blocks[0], len(blocks[1])
+        per_norm = self.calibration.norms if self.calibration is not None else {}
+        if not per_norm:
+            raise DotResizeError("per_layer residual maps need per-norm statistics (collect_stats per_norm=True)")
+        stages = [None] * (n_blocks + 1)
+        for norm in g.norms:
+            i = stage_of(norm, prefix, n_blocks)
+            stages[i] = per_norm[norm] if stages[i] is None else stages[i] + per_norm[norm]
+        if any(st is None for st in stages):
+            raise DotResizeError(f"per_layer residual maps: a stage of {g.name} has no norm to calibrate it")
+        w = self.group_map(model, g, m, kv, stats)
+        w.stages = [self.group_map(model, g, m, kv, st) for st in stages]
+        w.stage_prefix = prefix
+        return w
+
     def _layerwise(self, model, new, plan: WidthPlan, stats, blocks):
         prefix, modules = blocks
         inside = {name: block_of(self.analysis.group(name), prefix) for name in plan.widths}
-        maps = {name: self.group_map(new, self.analysis.group(name), m, kv, stats.get(name))
+        maps = {name: self._spanning_map(new, self.analysis.group(name), m, kv, stats.get(name), blocks)
                 for name, (m, kv) in plan.widths.items() if inside[name] is None}
-        maps = self.emit(maps)
         untied, notes = [], []
         if maps:
             _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
@@ -186,10 +200,8 @@ class WidthPass(PassBase):
                     m, kv = plan.widths[n]
                     block_maps[n] = self.refine(new, g, self.group_map(new, g, m, kv, block_stats[n]), runner, b,
                                                 targets.get(n))
-                block_maps = self.emit(block_maps)
-                if block_maps:
-                    apply(new, self.analysis, block_maps, inplace=True, finalize=False)
-                    maps.update(block_maps)
+                apply(new, self.analysis, block_maps, inplace=True, finalize=False)
+                maps.update(block_maps)
             runner.advance(b)
             if self.progress:
                 self.progress(b + 1, len(modules))

@@ -38,6 +38,8 @@ class WidthMap:
     `keep`: the target units whose own identity survives (a merged head keeps its target's Q/K).
     `kv_merge`/`kv_unmerge`: a heads group's map on kv heads (GQA); identity when only q heads within groups change.
     `unmerge_channels`: an optional channel-level U (m·unit × n·unit) that overrides kron(U, I_unit), e.g. `ls`.
+    `stages`: a residual map per block (the stream entering block l, then the stream after the last block); the
+    rewrite puts an adapter Q_lᵀQ_{l+1} on each block's output, so blocks need not share a basis.
     """
     group: str
     merge: torch.Tensor
@@ -47,6 +49,8 @@ class WidthMap:
     kv_unmerge: torch.Tensor | None = None
     kv_keep: torch.Tensor | None = None
     unmerge_channels: torch.Tensor | None = None
+    stages: list["WidthMap"] | None = None   # residual per_layer: one map per block of `stage_prefix`, + final
+    stage_prefix: str = ""
 
     @property
     def n(self) -> int:
@@ -152,6 +156,9 @@ def _check_map(group: WidthGroup, w: WidthMap) -> None:
                              f"{tuple(w.unmerge.shape)} do not fit the group's width {n}")
     if w.m < 1:
         raise DotResizeError(f"width map for {group.name} keeps no channel: lower the reduction")
+    for st in w.stages or []:
+        if group.kind != "residual" or st.merge.shape != (n, w.m) or st.unmerge.shape != (w.m, n):
+            raise DotResizeError(f"per-layer maps for {group.name}: every stage must map the residual {n} → {w.m}")
     if group.kind == "heads" and group.kv_heads != group.size and w.kv_merge is None:
         raise DotResizeError(f"width map for {group.name} (GQA, {group.kv_heads} kv heads) needs kv_merge")
 
@@ -199,7 +206,7 @@ def _linear_ops(model, group: WidthGroup, w: WidthMap, sites) -> None:
 
 def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, report) -> None:
     centre = _centers(model, group)
-    if centre and _is_selection(w.merge):
+    if centre and _is_selection(w.merge) and not w.stages:
         _linear_ops(model, group, w, sites)  # keeping channels: LayerNorm simply normalises over the kept ones
         return
     if group.channelwise:
@@ -208,16 +215,18 @@ def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, repor
     n, m = w.n, w.m
     if centre:
         _check_centrable(group, m)
-        Q = _centred_basis(w.merge)
-        producer = torch.eye(n, dtype=torch.float64) - 1.0 / n  # mean subtraction, folded into every writer
-    else:
-        Q, _ = torch.linalg.qr(w.merge)
-        producer = torch.eye(n, dtype=torch.float64)
-    C = Q.T @ w.merge @ w.unmerge                    # consumers read z = x·Q and rebuild x ≈ z·C (= R·U for QR)
+    stages = w.stages or [w]
+    # the stream carries z = x·Q; consumers rebuild x ≈ z·C (C = R·U for a QR basis)
+    bases = [_centred_basis(s.merge) if centre else torch.linalg.qr(s.merge)[0] for s in stages]
+    readers = [Q.T @ s.merge @ s.unmerge for Q, s in zip(bases, stages)]
+    producer = torch.eye(n, dtype=torch.float64) - (1.0 / n if centre else 0.0)  # centring folded into writers
     gain = math.sqrt(n / m)
     norms = {name: _norm_affine(model, name) for name in group.norms}
     for mem in group.members:
         site = _owner(model, mem)
+        i = stage_of(mem.module or mem.param, w.stage_prefix, len(stages) - 1, mem.role == "producer") \
+            if w.stages else 0
+        Q, C = bases[i], readers[i]
         if mem.role == "producer":
             sites[site].append((mem.dim, mem.offset, mem.length or n, producer @ Q * _embed_scale(model, site, m)))
         elif mem.role == "consumer":
@@ -229,8 +238,44 @@ def _residual_ops(model, group: WidthGroup, w: WidthMap, sites, overwrite, repor
                 overwrite[site] = (b / g) @ Q  # LayerNorm(x) = (x̂ + b/g)·g: the bias travels with x̂
             else:
                 overwrite[site] = torch.full((m,), gain - offset, dtype=torch.float64)
+    for l in range(len(stages) - 1):
+        add_skip_adapter(model.get_submodule(f"{w.stage_prefix}.{l}"), bases[l].T @ bases[l + 1])
     report.notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})"
-                        + ("; producers centred so LayerNorm acts as RMSNorm" if centre else ""))
+                        + ("; producers centred so LayerNorm acts as RMSNorm" if centre else "")
+                        + (f"; {len(stages) - 1} skip adapters between per-layer bases" if w.stages else ""))
+
+
+def stage_of(path: str, prefix: str, last: int, producer: bool = False) -> int:
+    """Which per-layer basis a module works in: its block's in ModuleList `prefix`, or outside the blocks the
+    first (the embedding, a producer) or the `last` (final norm and head, readers)."""
+    rest = path.removeprefix(prefix + ".")
+    head = rest.split(".", 1)[0]
+    if rest != path and head.isdigit():
+        return int(head)
+    return 0 if producer else last
+
+
+SKIP_ADAPTER = "skip_adapter"
+
+
+def add_skip_adapter(block: torch.nn.Module, A: torch.Tensor) -> None:
+    """Multiply the block's output (its residual stream) by A (m × m): the change of basis to the next block.
+
+    A parameter plus a forward hook: the module tree and every parameter name stay as they were, torch.export
+    and the ONNX exporter trace the hook, and `save` records which blocks carry one.
+    """
+    if hasattr(block, SKIP_ADAPTER):
+        raise DotResizeError("the residual stream already has per-layer maps: resize it in one pass")
+    dtype = next(block.parameters()).dtype
+    block.register_parameter(SKIP_ADAPTER, torch.nn.Parameter(A.to(dtype), requires_grad=False))
+    block.register_forward_hook(_apply_skip_adapter)
+
+
+def _apply_skip_adapter(block, _args, out):
+    A = getattr(block, SKIP_ADAPTER)
+    if isinstance(out, tuple):
+        return (out[0] @ A, *out[1:])
+    return out @ A
 
 
 def _embed_scale(model, site: tuple[str, str], m: int) -> float:
@@ -437,7 +482,8 @@ def _update_config(model, analysis: Analysis, maps: dict[str, WidthMap], report:
             by_kind["heads"].add((w.m if w else g.size, kv, g.unit))
         elif g.kind in ("mlp", "residual"):
             by_kind[g.kind].add(w.m if w else g.size)
-    report.stock = all(len(v) <= 1 for v in by_kind.values())
+    report.stock = all(len(v) <= 1 for v in by_kind.values()) and not any(
+        hasattr(mod, SKIP_ADAPTER) for mod in model.modules())
     if config is None:
         report.stock = False
         return
@@ -468,7 +514,9 @@ VERIFY_TOL = 1e-4
 
 
 def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple, *, seed: int = 0) -> list[dict]:
-    """identity maps on every resizable group, a random permutation of each, a random rotation of the residual."""
+    """identity maps on every resizable group, a random permutation of each, a random rotation of the residual,
+    and a different rotation per block (per-layer maps with skip adapters) where the blocks chain."""
+    from .calibrate import block_list
     from .load import model_outputs
     g = torch.Generator().manual_seed(seed)
     ref_model = copy.deepcopy(model).double()
@@ -480,8 +528,14 @@ def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple,
               ("permutation", {grp.name: _permutation(grp, g) for grp in groups})]
     for grp in groups:
         if grp.kind == "residual" and not grp.channelwise:
-            Q, _ = torch.linalg.qr(torch.randn(grp.size, grp.size, generator=g, dtype=torch.float64))
+            Q = _rotation(grp.size, g)
             checks.append((f"rotation {grp.name}", {grp.name: WidthMap(grp.name, Q, Q.T.contiguous())}))
+            blocks = block_list(ref_model, analysis, [inputs])
+            if blocks is not None:  # a different rotation per block: proves the skip adapters
+                stages = [WidthMap(grp.name, Q, Q.T.contiguous())
+                          for Q in (_rotation(grp.size, g) for _ in range(len(blocks[1]) + 1))]
+                w = WidthMap(grp.name, stages[0].merge, stages[0].unmerge, stages=stages, stage_prefix=blocks[0])
+                checks.append((f"per-layer rotation {grp.name}", {grp.name: w}))
     results = []
     for name, maps in checks:
         new, _ = apply(ref_model, analysis, maps)
@@ -491,6 +545,10 @@ def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple,
         results.append({"name": name, "max_abs_diff": diff, "ok": diff <= VERIFY_TOL,
                         "groups": len(maps)})
     return results
+
+
+def _rotation(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
 
 
 def _identity(grp: WidthGroup) -> WidthMap:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .cache import atomic_dir
 from .errors import DotResizeError
 from .load import model_outputs
-from .rewrite import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, MODULE_CONFIG_KEYS, sync_shapes
+from .rewrite import (HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, MODULE_CONFIG_KEYS, SKIP_ADAPTER, add_skip_adapter,
+                      sync_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def _plan(model, source: str, stock: bool) -> dict:
             "weights": WEIGHTS,
             "shapes": {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
             "tied": _tied(model), "module_attrs": attrs,
+            "skip_adapters": [n for n, mod in model.named_modules() if hasattr(mod, SKIP_ADAPTER)],
             "config": config.to_diff_dict() if config is not None else None}
 
 
@@ -135,6 +137,9 @@ def load_compressed(path: str | Path):
     model = source.model
     tied = {n: group for group in plan["tied"] for n in group}
     made = {}
+    for name in plan.get("skip_adapters", []):
+        mod = model.get_submodule(name)
+        add_skip_adapter(mod, torch.empty(plan["shapes"][f"{name}.{SKIP_ADAPTER}"]))
     for name, shape in plan["shapes"].items():
         module, _, attr = name.rpartition(".")
         key = tied.get(name, [name])[0]

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dotresize_fx.errors import DotResizeError
 from dotresize_fx.pipeline import Targets
 
-_TARGET_KEYS = ("mlp", "heads", "residual", "round_to")
+_TARGET_KEYS = ("mlp", "heads", "residual", "round_to", "residual_maps")
 
 
-def build_pass(spec, analysis, calibration, probe, previous=(), batches=None, progress=None):
+def build_pass(spec, analysis, calibration, probe, batches=None, progress=None):
     opts = dict(spec.options)
     targets = Targets(**{k: opts.pop(k) for k in _TARGET_KEYS if k in opts})
     try:
@@ -16,8 +16,7 @@ def build_pass(spec, analysis, calibration, probe, previous=(), batches=None, pr
             return PrunePass(PruneConfig(targets=targets, **opts), analysis, calibration, probe, batches, progress)
         if spec.method == "dotresize":
             from .dotresize import DotResizeConfig, DotResizePass
-            kept = _kept_by_prune(previous)
-            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, kept, batches,
+            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, batches,
                                  progress)
         if spec.method == "pca":
             from .pca import PCAConfig, PCAPass
@@ -25,10 +24,3 @@ def build_pass(spec, analysis, calibration, probe, previous=(), batches=None, pr
     except TypeError as e:
         raise DotResizeError(f"pass {spec.method}: bad option ({e}); see 'dotresize-fx compress --help'") from e
     raise DotResizeError(f"unknown pass {spec.method!r}: use prune, dotresize or pca")
-
-
-def _kept_by_prune(previous):
-    for r in reversed(list(previous)):
-        if r.get("method") == "prune":
-            return r["_pass"].kept
-    return None

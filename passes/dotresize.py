@@ -1,6 +1,6 @@
 """DOTResize: make a group narrower by merging its neurons with discrete optimal transport (DESIGN §5).
 
-Per group: pick m targets (top-m by importance, or the set a preceding prune pass kept), build the cost from
+Per group: pick m targets (top-m by importance: the prune pass's choice), build the cost from
 the observation-point Gram, solve the transport plan, turn it into a merge map M and an unmerge map U, and let
 the rewrite apply them by group kind (linear path, MLP hidden, residual via QR, heads with their targets' Q/K).
 """
@@ -13,6 +13,7 @@ import torch
 
 from dotresize_fx.analyze import WidthGroup
 from dotresize_fx.calibrate import Stats
+from dotresize_fx.errors import DotResizeError
 from dotresize_fx.pipeline import Targets, WidthPass, keep_heads, ls_unmerge, unit_scores
 from dotresize_fx.rewrite import WidthMap, selection_matrix
 
@@ -27,6 +28,7 @@ class DotResizeConfig:
     marginals: dot.Marginals = "semi"
     solver: Literal["sinkhorn", "emd"] = "sinkhorn"
     reg: float = 0.01                  # measured on SmolLM2 MLP 1536→1152: 0.01 → 44.7, 0.05 → 47.3 (seq 256)
+    mass: float = 1.0                  # semi: share of a merged neuron's mass that is transported (0 = prune)
     unmerge: dot.Unmerge = "ls"
     refine: bool = True                # ls on an MLP: fit the consumer to the merged producers' real outputs
     pure_producers: bool = False       # True: producers keep their target rows; only consumers take the merge
@@ -34,24 +36,27 @@ class DotResizeConfig:
     ls_reg: float = 1e-4
     ls_target: Literal["current", "dense"] = "current"   # what layerwise `ls` fits (see WidthPass.refine)
 
+    def __post_init__(self):
+        if not 0.0 <= self.mass <= 1.0:
+            raise DotResizeError(f"dotresize mass={self.mass}: the transported share must be in [0, 1]")
+        if self.mass != 1.0 and self.marginals != "semi":
+            raise DotResizeError("dotresize mass applies to marginals=semi only")
+
 
 class DotResizePass(WidthPass):
     name = "dotresize"
 
-    def __init__(self, config: DotResizeConfig, analysis, calibration, probe, kept=None, batches=None,
-                 progress=None):
+    def __init__(self, config: DotResizeConfig, analysis, calibration, probe, batches=None, progress=None):
         super().__init__(analysis, calibration, probe, batches, progress)
         self.config, self.targets, self.ls_reg, self.ls_target = (config, config.targets, config.ls_reg,
                                                                        config.ls_target)
-        self.kept = kept or {}
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
         scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
         gram = _unit_gram(stats.gram, g.unit)
         if g.kind == "heads" and g.kv_heads != g.size:
             q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
-            targets = self.kept.get(g.name, q_keep)
-            w = self._merge(gram, stats.count, targets, g)
+            w = self._merge(gram, stats.count, q_keep, g)
             if kv_after < g.kv_heads:  # whole GQA groups: kv heads follow their q heads' plan, block by block
                 rep = g.size // g.kv_heads
                 Mkv = w.merge.view(g.kv_heads, rep, -1, rep).sum((1, 3)) / rep
@@ -61,17 +66,14 @@ class DotResizePass(WidthPass):
                 K = torch.eye(g.kv_heads, dtype=torch.float64)
                 w.kv_merge, w.kv_unmerge, w.kv_keep = K, K, torch.arange(g.kv_heads)
             return w
-        targets = self.kept.get(g.name)
-        if targets is None:
-            targets = select(model, g, stats, self.config.importance, m)
-        return self._merge(gram, stats.count, targets, g)
+        return self._merge(gram, stats.count, select(model, g, stats, self.config.importance, m), g)
 
     def _merge(self, gram, count, targets, g: WidthGroup) -> WidthMap:
         c = self.config
         C = dot.cost_matrix(gram, count, targets, c.cost)
         a, b = dot.marginals(gram, targets, "energy" if c.marginals == "semi" else c.marginals)
         if c.marginals == "semi":
-            T = dot.semi_plan(C, a, targets, reg=c.reg)
+            T = dot.semi_plan(C, a, targets, reg=c.reg, mass=c.mass)
         else:
             T = dot.transport_plan(C, a, b, reg=c.reg, solver=c.solver)
         M, U = dot.width_map_from_plan(T, unmerge=c.unmerge, gram=gram, ls_reg=c.ls_reg)

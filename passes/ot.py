@@ -63,10 +63,12 @@ def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg:
     return T
 
 
-def semi_plan(cost: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, *, reg: float) -> torch.Tensor:
-    """Kept neurons keep their own mass; every other neuron sends its mass softly to its nearest targets."""
+def semi_plan(cost: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, *, reg: float,
+              mass: float = 1.0) -> torch.Tensor:
+    """Kept neurons keep their own mass; every other neuron sends `mass` × its mass softly to its nearest
+    targets (mass 0: pruning, 1: full merging)."""
     n, m = cost.shape
-    T = torch.softmax(-cost / reg, dim=1) * a[:, None]
+    T = torch.softmax(-cost / reg, dim=1) * (mass * a[:, None])
     T[targets] = 0
     T[targets, torch.arange(m)] = a[targets]
     return T

@@ -32,7 +32,6 @@ class PruneConfig:
     ls_reg: float = 1e-4
     ls_target: Literal["current", "dense"] = "current"   # what layerwise `ls` fits (see WidthPass.refine)
     refine: bool = True        # layerwise `ls`: fit consumers to the dense model's activations (see pipeline)
-    select_only: bool = False  # choose the kept set for a following DOTResize pass, change nothing
 
 
 def pivoted_cholesky(gram: torch.Tensor, m: int) -> torch.Tensor:
@@ -76,16 +75,12 @@ class PrunePass(WidthPass):
         super().__init__(analysis, calibration, probe, batches, progress)
         self.config, self.targets, self.ls_reg, self.ls_target = (config, config.targets, config.ls_reg,
                                                                        config.ls_target)
-        self.kept: dict[str, torch.Tensor] = {}   # group → kept units, for DOTResize as an add-on
 
     def refines(self, g: WidthGroup) -> bool:
         # on the current inputs a selection's h' is h·S, so the refit equals the Gram solution: only a
         # dense target is new information, and anything else would run every block twice for nothing
         return (g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
-                and self.config.ls_target == "dense" and not self.config.select_only)
-
-    def emit(self, maps):
-        return {} if self.config.select_only else maps
+                and self.config.ls_target == "dense")
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats | None) -> WidthMap:
         if g.kind == "heads" and g.kv_heads != g.size:
@@ -94,7 +89,6 @@ class PrunePass(WidthPass):
             w = WidthMap.selection(g.name, g.size, q_keep, g.kv_heads, kv_keep)
         else:
             w = WidthMap.selection(g.name, g.size, select(model, g, stats, self.config.importance, m))
-        self.kept[g.name] = w.keep
         if self.config.unmerge == "ls":
             S = torch.kron(selection_matrix(g.size, w.keep), torch.eye(g.unit, dtype=torch.float64))
             U = ls_unmerge(S, stats.gram, self.config.ls_reg)

@@ -179,3 +179,48 @@ def test_every_width_of_hf_architectures_compresses_and_reloads(arch, tmp_path):
         if plan["stock"]:
             assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits, want)
     assert plan["stock"] == (arch not in ("gpt2", "opt"))  # those derive head_dim from hidden_size
+
+
+@pytest.mark.parametrize("passes", ["pca:residual=0.25,residual_maps=per_layer",
+                                    "dotresize:residual=0.25,residual_maps=per_layer"])
+def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, tmp_path):
+    """One basis per block: an m×m adapter on each block's output, our format, replayed and exported exactly."""
+    import onnxruntime as ort
+    from dotresize_fx.export import to_onnx
+    report = run(_job("llama", passes, tmp_path))
+    model = report["_model"]
+    adapters = [n for n, _ in model.named_parameters() if n.endswith("skip_adapter")]
+    assert adapters == ["model.layers.0.skip_adapter", "model.layers.1.skip_adapter"]
+    assert tuple(model.model.layers[0].skip_adapter.shape) == (48, 48)
+    plan = json.loads((tmp_path / "out" / "resize_plan.json").read_text())
+    assert not plan["stock"] and plan["skip_adapters"] == ["model.layers.0", "model.layers.1"]
+    ids = models._ids()[0]
+    sess = ort.InferenceSession(str(to_onnx(model, (ids,), tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(load(tmp_path / "out").model(ids).logits, want)
+        model.model.layers[0].skip_adapter.zero_()  # the adapter is really on the path
+        assert (model(ids).logits - want).abs().max() > 1e-3
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
+    assert abs(got - want.numpy()).max() < 1e-4
+
+
+def test_per_layer_maps_are_a_choice_that_is_checked(tmp_path):
+    with pytest.raises(DotResizeError, match="global or per_layer"):
+        run(_job("llama", "pca:residual=0.25,residual_maps=blocky", tmp_path))
+
+
+def test_prune_then_dotresize_with_equal_targets_is_one_add_on_pass(tmp_path):
+    """prune picks, DOTResize merges the rest, in one pass (each block calibrated once): the same model as
+    DOTResize selecting with the prune importance; different targets run one after the other."""
+    from dotresize_fx.compress import Pipeline
+    fused = Pipeline(["prune:mlp=0.25,importance=activation", "dotresize:mlp=0.25"]).run(
+        f"{FACTORY}:llama", data="random", calib_samples=4, progress=False)
+    assert [p["method"] for p in fused["passes"]] == ["prune>dotresize"]
+    alone = run(_job("llama", "dotresize:mlp=0.25,importance=activation", tmp_path))
+    ids = models._ids()[0]
+    with torch.no_grad():
+        assert torch.equal(fused["_model"](ids).logits, alone["_model"](ids).logits)
+    chained = Pipeline("prune:mlp=0.1 dotresize:mlp=0.2").run(f"{FACTORY}:llama", data="random", calib_samples=4,
+                                                              progress=False)
+    assert [(p["method"], p["widths"]["mlp.0"]) for p in chained["passes"]] == [("prune", 88), ("dotresize", 72)]

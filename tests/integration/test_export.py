@@ -62,5 +62,6 @@ def test_verify_command_json(tmp_path):
     import json
     assert main(["verify", f"{models.__file__}:llama", "--json", str(tmp_path / "v.json")]) == 0
     checks = json.loads((tmp_path / "v.json").read_text())["checks"]
-    assert [c["name"] for c in checks] == ["identity", "permutation", "rotation residual.0"]
+    assert [c["name"] for c in checks] == ["identity", "permutation", "rotation residual.0",
+                                            "per-layer rotation residual.0"]
     assert all(c["ok"] and c["max_abs_diff"] < 1e-4 for c in checks)

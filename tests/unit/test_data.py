@@ -36,6 +36,13 @@ def test_text_file_and_folder_split(tmp_path):
     assert data.text(str(tmp_path), "calibration").text == "a" * 80
 
 
+def test_validation_split_never_reads_the_evaluation_split(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 64 + "v" * 16 + "e" * 20)
+    spec = f"validation:{tmp_path / 'a.txt'}"
+    assert data.text(spec, "calibration").text == "a" * 64
+    assert data.text(spec, "evaluation").text == "v" * 16
+
+
 def test_unknown_and_empty_specs(tmp_path):
     with pytest.raises(DotResizeError, match="unknown data spec"):
         data.text("no/such/thing", "evaluation")

@@ -65,6 +65,20 @@ def test_semi_plan_keeps_targets_pure_mass():
     assert torch.allclose(T.sum(1), a) and torch.equal(T[targets].diagonal(), a[targets])
 
 
+def test_semi_plan_mass_interpolates_from_pruning_to_merging():
+    G, N, _ = _gram()
+    targets = torch.tensor([0, 2, 9])
+    C = dot.cost_matrix(G, N, targets)
+    a, _ = dot.marginals(G, targets, "energy")
+    M0, _ = dot.width_map_from_plan(dot.semi_plan(C, a, targets, reg=0.05, mass=0.0), unmerge="pinv")
+    assert torch.equal(M0, torch.eye(12, dtype=torch.float64)[:, targets])   # mass 0: a selection
+    half = dot.semi_plan(C, a, targets, reg=0.05, mass=0.5)
+    full = dot.semi_plan(C, a, targets, reg=0.05)
+    others = torch.ones(12, dtype=torch.bool)
+    others[targets] = False
+    assert torch.allclose(half[others], 0.5 * full[others]) and torch.equal(half[targets], full[targets])
+
+
 def test_pivoted_cholesky_skips_redundant_columns():
     X = torch.randn(300, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     X = torch.cat([X, 3 * X[:, :1]], dim=1)             # column 5 repeats column 0, louder

@@ -15,8 +15,8 @@ def test_invariance_checks_pass(arch):
     assert names[:2] == ["identity", "permutation"]
     for c in checks:
         assert c["max_abs_diff"] <= VERIFY_TOL, c
-    if arch not in ("bert", "cnn", "mixer"):  # RMSNorm and pre-LN LayerNorm streams: the rotation is run
-        assert any(c["name"].startswith("rotation") for c in checks)
+    if arch not in ("bert", "cnn", "mixer"):  # RMSNorm and pre-LN LayerNorm streams: the rotations are run
+        assert {"rotation residual.0", "per-layer rotation residual.0"} <= set(names)
 
 
 def test_a_wrong_map_is_caught():
