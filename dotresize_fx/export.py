@@ -79,14 +79,22 @@ def session(path: str | Path, threads: int = 2):
         raise DotResizeError(f"onnxruntime cannot load {path}: {e}") from e
 
 
-def ort_forward(sess):
-    """ids (, mask) → logits under onnxruntime; an all-ones mask when the file takes one and none is given."""
-    names = {i.name for i in sess.get_inputs()}
+def _feed(sess, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """The session's inputs for `ids`: plus an attention mask (all ones unless given) when the file takes one."""
+    feed = {"input_ids": ids.astype(np.int64)}
+    if _takes_mask_input(sess):
+        feed["attention_mask"] = (np.ones_like(ids) if mask is None else mask).astype(np.int64)
+    return feed
 
+
+def _takes_mask_input(sess) -> bool:
+    return "attention_mask" in {i.name for i in sess.get_inputs()}
+
+
+def ort_forward(sess):
+    """ids (, mask) → logits under onnxruntime."""
     def forward(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        feed = {"input_ids": ids.numpy().astype(np.int64)}
-        if "attention_mask" in names:
-            feed["attention_mask"] = (torch.ones_like(ids) if mask is None else mask).numpy().astype(np.int64)
+        feed = _feed(sess, ids.numpy(), None if mask is None else mask.numpy())
         return torch.from_numpy(sess.run(["logits"], feed)[0])
     return forward
 
@@ -96,11 +104,10 @@ def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     when the file takes an attention mask, also with the last positions of the first row padded out."""
     worst = 0.0
     fwd = ort_forward(sess)
-    masked = "attention_mask" in {i.name for i in sess.get_inputs()}
     with torch.no_grad():
         for ids in batches:
             worst = max(worst, (fwd(ids) - model_outputs(model, (ids,))).abs().max().item())
-            if masked and ids.shape[1] > 2:
+            if _takes_mask_input(sess) and ids.shape[1] > 2:
                 mask = torch.ones_like(ids)
                 mask[0, -2:] = 0
                 want = main_output(model(ids, attention_mask=mask))
@@ -112,13 +119,9 @@ def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 5) 
     """Median seconds per run of each session on the same random ids; runs interleave (a, b, a, b, …) so that
     the machine's drift hits every session alike."""
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
-    feeds = []
-    for sess in sessions:
-        feed = {"input_ids": ids}
-        if "attention_mask" in {i.name for i in sess.get_inputs()}:
-            feed["attention_mask"] = np.ones_like(ids)
+    feeds = [_feed(sess, ids) for sess in sessions]
+    for sess, feed in zip(sessions, feeds):
         sess.run(["logits"], feed)  # warm-up
-        feeds.append(feed)
     times = [[] for _ in sessions]
     for _ in range(repeats):
         for sess, feed, t_list in zip(sessions, feeds, times):
@@ -131,7 +134,7 @@ def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 5) 
 def dense_onnx(model: torch.nn.Module, example_inputs: tuple) -> Path:
     """The reference model's ONNX file, exported once per model content and cached (it never changes)."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)}".encode())
-    for name, t in [*model.state_dict().items(), *model.named_buffers()]:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
     path = cache_dir() / "onnx" / f"dense-{h.hexdigest()[:20]}.onnx"
     if not path.is_file():
