@@ -26,10 +26,13 @@ ROWS = {
     "dotresize-mlp-cholesky": "dotresize:mlp=0.25,importance=cholesky",
     "dotresize-mlp-mass0.5": "dotresize:mlp=0.25,mass=0.5",
     "dotresize-mlp-mass0.25": "dotresize:mlp=0.25,mass=0.25",
+    "dotresize-mlp-ot": "dotresize:mlp=0.25,unmerge=ot",
+    "dotresize-mlp-pure": "dotresize:mlp=0.25,pure_producers=1,refine=0",
     "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
     # residual 576→432 (one global map; a multiple of 9 heads for a stock config; the head is untied, counted)
     "prune-residual": "prune:residual=0.25",
     "pca-global": "pca:residual=0.25",
+    "pca-global-20": "pca:residual=0.375",   # 576→360: about −20% non-embedding once the head is untied
     "dotresize-residual": "dotresize:residual=0.25,unmerge=pinv",
     # residual 576→432 with a basis per block and an adapter on each skip (not a stock architecture)
     "pca-per_layer": "pca:residual=0.25,residual_maps=per_layer",

@@ -18,11 +18,23 @@ from .analyze import Analysis, WidthGroup
 from .load import model_outputs
 
 
+HOLDOUT_BLOCK, HOLDOUT_EVERY = 64, 5
+
+
+def holdout_rows(n_rows: int) -> torch.Tensor:
+    """Rows held out of least-squares fits: every 5th run of 64 consecutive tokens (neighbours correlate, so
+    single held-out tokens would flatter an overfitted fit)."""
+    return (torch.arange(n_rows) // HOLDOUT_BLOCK) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
 @dataclass
 class Stats:
+    """G = XᵀX over all observed rows; `holdout` is the held-out rows' share of G (fits use G − holdout and
+    judge themselves on holdout)."""
     gram: torch.Tensor
     sum: torch.Tensor
     count: int = 0
+    holdout: torch.Tensor | None = None
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -30,13 +42,18 @@ class Stats:
         return self.gram.diagonal() / max(self.count, 1)
 
     def __add__(self, other: "Stats") -> "Stats":
-        return Stats(self.gram + other.gram, self.sum + other.sum, self.count + other.count)
+        hold = None if self.holdout is None or other.holdout is None else self.holdout + other.holdout
+        return Stats(self.gram + other.gram, self.sum + other.sum, self.count + other.count, hold)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         self.gram += x.T @ x
         self.sum += x.sum(0)
         self.count += x.shape[0]
+        if self.holdout is None:
+            self.holdout = torch.zeros_like(self.gram)
+        h = x[holdout_rows(x.shape[0])]
+        self.holdout += h.T @ h
 
 
 @dataclass

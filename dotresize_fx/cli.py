@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -145,6 +146,10 @@ def _print_summary(r: dict) -> None:
             print(f"rounded {line}")
         if p.get("untied"):
             print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
+        if p.get("ls_reg"):
+            picked = Counter(f"{v:g}" if isinstance(v, float) else v for v in p["ls_reg"].values())
+            print(f"{p['method']} least squares, ridge λ picked on held-out calibration rows: "
+                  + ", ".join(f"{k} ×{n}" for k, n in sorted(picked.items())))
     print(f"graph vs eager compressed model: max |d| {r['graph_check_max_abs_diff']:.2g}; "
           f"compress {r['timing']['compress_s']:.1f} s (calibration forwards {r['timing']['calib_forward_s']:.1f} s), "
           f"peak RSS {r['peak_rss_mb']:.0f} MB")
@@ -156,7 +161,7 @@ def _print_summary(r: dict) -> None:
         if "ppl_ort" in o:
             line += f", perplexity ORT {o['ppl_ort']:.3f} / torch {o['ppl_torch']:.3f}"
         if "latency_ratio" in o:
-            line += f", latency compressed/dense {o['latency_ratio']:.2f}"
+            line += f", latency compressed/dense {o['latency_ratio']:.2f} (FLOPs {o['flops_ratio']:.2f})"
         print(line)
     if r.get("quantized"):
         q = r["quantized"]
@@ -202,7 +207,8 @@ def cmd_demo(args) -> dict:
             ("size on disk", f"{dense_mb:.0f} MB (fp32)", f"{o['size_mb']:.0f} MB (ONNX)", f"{q['size_mb_after']:.0f} MB (ONNX)"),
             ("perplexity torch", f"{r['ppl_before']:.2f}", f"{r['ppl_after']:.2f}", ""),
             ("perplexity ORT", "", f"{o['ppl_ort']:.2f}", f"{q['ppl_ort']:.2f}"),
-            ("latency 8x{} ORT".format(args.seq_len), "1.00", f"{o['latency_ratio']:.2f}", "")]
+            ("latency 8x{} ORT".format(args.seq_len), "1.00", f"{o['latency_ratio']:.2f}", ""),
+            ("FLOPs per forward", "1.00", f"{o['flops_ratio']:.2f}", "")]
     print()
     for row in rows:
         print(f"{row[0]:<20}{row[1]:>16}{row[2]:>18}{row[3]:>18}")

@@ -131,6 +131,20 @@ def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 5) 
     return [statistics.median(t) for t in times]
 
 
+def forward_flops(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> int:
+    """FLOPs of one forward on (batch, seq) ids, by torch's FlopCounterMode (matmuls, and attention scores
+    through the CPU SDPA kernel, which the counter does not know by itself)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model_outputs(model, (ids,))
+    return counter.get_total_flops()
+
+
 def dense_onnx(model: torch.nn.Module, example_inputs: tuple) -> Path:
     """The reference model's ONNX file, exported once per model content and cached (it never changes)."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)}".encode())
@@ -161,9 +175,11 @@ def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | No
         dense = session(dense_onnx(dense_model, example_inputs), threads)
         lat = {f"{b}x{s}": latency([sess, dense], b, s, vocab) for b, s in latency_shapes}
         result["latency_s"] = {k: {"compressed": c, "dense": d} for k, (c, d) in lat.items()}
-        result["latency_ratio"] = lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][0] / \
-            lat[f"{latency_shapes[-1][0]}x{latency_shapes[-1][1]}"][1]
+        b, s = latency_shapes[-1]
+        result["latency_ratio"] = lat[f"{b}x{s}"][0] / lat[f"{b}x{s}"][1]
         result["latency_threads"] = threads
+        # what a perfect speed-up would give: the work that is left (an LM head and attention do not shrink)
+        result["flops_ratio"] = forward_flops(model, 1, s, vocab) / forward_flops(dense_model, 1, s, vocab)
     return result
 
 

@@ -180,7 +180,7 @@ def _site_tensor(model, module: str, attr: str) -> torch.Tensor:
     return getattr(model.get_submodule(module), attr).detach().to(torch.float64)
 
 
-def _expand(A: torch.Tensor, unit: int) -> torch.Tensor:
+def expand_units(A: torch.Tensor, unit: int) -> torch.Tensor:
     return A if unit == 1 else torch.kron(A.contiguous(), torch.eye(unit, dtype=A.dtype))
 
 
@@ -194,11 +194,11 @@ def _linear_ops(model, group: WidthGroup, w: WidthMap, sites) -> None:
         U = w.kv_unmerge if on_kv else w.unmerge
         keep = w.kv_keep if on_kv else w.keep
         if m.role == "producer" and m.attn == "qk" and keep is not None:
-            A = _expand(selection_matrix(M.shape[0], keep), unit)  # merged heads keep their target's pattern
+            A = expand_units(selection_matrix(M.shape[0], keep), unit)  # merged heads keep their target's pattern
         elif m.role in ("producer", "passthrough"):
-            A = _expand(M, unit)
+            A = expand_units(M, unit)
         elif m.role == "consumer":
-            A = w.unmerge_channels.T if (w.unmerge_channels is not None and not on_kv) else _expand(U, unit).T
+            A = w.unmerge_channels.T if (w.unmerge_channels is not None and not on_kv) else expand_units(U, unit).T
         else:
             continue
         sites[_owner(model, m)].append((m.dim, m.offset, m.length or A.shape[0], A))

@@ -53,10 +53,9 @@ class DotResizePass(WidthPass):
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
         scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
-        gram = _unit_gram(stats.gram, g.unit)
         if g.kind == "heads" and g.kv_heads != g.size:
             q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
-            w = self._merge(gram, stats.count, q_keep, g)
+            w = self._merge(stats, q_keep, g)
             if kv_after < g.kv_heads:  # whole GQA groups: kv heads follow their q heads' plan, block by block
                 rep = g.size // g.kv_heads
                 Mkv = w.merge.view(g.kv_heads, rep, -1, rep).sum((1, 3)) / rep
@@ -66,27 +65,34 @@ class DotResizePass(WidthPass):
                 K = torch.eye(g.kv_heads, dtype=torch.float64)
                 w.kv_merge, w.kv_unmerge, w.kv_keep = K, K, torch.arange(g.kv_heads)
             return w
-        return self._merge(gram, stats.count, select(model, g, stats, self.config.importance, m), g)
+        return self._merge(stats, select(model, g, stats, self.config.importance, m), g)
 
-    def _merge(self, gram, count, targets, g: WidthGroup) -> WidthMap:
+    def _merge(self, stats: Stats, targets, g: WidthGroup) -> WidthMap:
         c = self.config
-        C = dot.cost_matrix(gram, count, targets, c.cost)
+        gram = _unit_gram(stats.gram, g.unit)
+        C = dot.cost_matrix(gram, stats.count, targets, c.cost)
         a, b = dot.marginals(gram, targets, "energy" if c.marginals == "semi" else c.marginals)
         if c.marginals == "semi":
             T = dot.semi_plan(C, a, targets, reg=c.reg, mass=c.mass)
         else:
             T = dot.transport_plan(C, a, b, reg=c.reg, solver=c.solver)
-        M, U = dot.width_map_from_plan(T, unmerge=c.unmerge, gram=gram, ls_reg=c.ls_reg)
+        # ls starts from the plan's own unmerge and stays near it unless held-out rows say otherwise
+        M, U = dot.width_map_from_plan(T, unmerge="ot" if c.unmerge == "ls" else c.unmerge)
         w = WidthMap(g.name, M, U, keep=targets)
         if c.pure_producers and g.kind != "residual":
             w.merge = selection_matrix(g.size, targets)
-            if c.unmerge == "ls":
-                w.unmerge = ls_unmerge(w.merge, gram, c.ls_reg)
+        if c.unmerge == "ls" and not self.refines(g):  # refined groups fit U on real activations instead
+            hold = None if stats.holdout is None else _unit_gram(stats.holdout, g.unit)
+            w.unmerge, lam = ls_unmerge(w.merge, gram, c.ls_reg, prior=U, holdout=hold)
+            self.record_ls(g, lam)
         return w
 
     def refines(self, g: WidthGroup) -> bool:
-        """`ls` on MLP and heads: consumers fitted to the merged producers' real outputs (pipeline.refine_unmerge)."""
-        return g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
+        """`ls` on MLP and heads: consumers fitted to the merged producers' real outputs (pipeline.refine_unmerge).
+        Pure producers output their targets' own activations, whose Gram the pass already has: only a dense
+        target is new information (as for prune)."""
+        return (g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine
+                and (not self.config.pure_producers or self.config.ls_target == "dense"))
 
 
 def _unit_gram(gram: torch.Tensor, unit: int) -> torch.Tensor:

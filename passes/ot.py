@@ -74,17 +74,11 @@ def semi_plan(cost: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, *, reg
     return T
 
 
-def width_map_from_plan(plan: torch.Tensor, *, unmerge: Unmerge, gram: torch.Tensor | None = None,
-                        ls_reg: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def width_map_from_plan(plan: torch.Tensor, *, unmerge: Literal["ot", "pinv"]) -> tuple[torch.Tensor, torch.Tensor]:
     """M = T·diag(1/b) (column j averages the sources sent to target j) and U (m×n):
-    ot: (diag(1/a)·T)ᵀ;  pinv: M⁺;  ls: (MᵀGM + λI)⁻¹MᵀG (least-squares reconstruction of X from XM)."""
+    ot: (diag(1/a)·T)ᵀ (each source's consumer weights go to its targets);  pinv: M⁺.
+    (`ls` is fitted by the pass from calibration data, starting from the `ot` map.)"""
     a, b = plan.sum(1), plan.sum(0)
     M = plan / b.clamp_min(1e-30)[None, :]
-    if unmerge == "ot":
-        U = (plan / a.clamp_min(1e-30)[:, None]).T
-    elif unmerge == "pinv":
-        U = torch.linalg.pinv(M)
-    else:
-        from dotresize_fx.pipeline import ls_unmerge
-        U = ls_unmerge(M, gram, ls_reg)
+    U = (plan / a.clamp_min(1e-30)[:, None]).T if unmerge == "ot" else torch.linalg.pinv(M)
     return M, U.contiguous()

@@ -7,8 +7,8 @@ Importance per channel i of a group, from the group's observation-point Gram G a
   cholesky    not a score: greedy column-subset selection (pivoted Cholesky on D·G·D, D = diag ‖W_c[:, i]‖),
               the neurons whose consumer contributions best span the others (MLP / channels only)
 Heads score as the norm of their channels' scores; GQA heads go by whole kv groups or evenly within groups.
-`unmerge="ls"` compensates the consumers by least squares: U = (SᵀGS + λI)⁻¹ SᵀG.
-"""
+`unmerge="ls"` compensates the consumers by least squares: U = (SᵀGS + λI)⁻¹(SᵀG + λSᵀ), a ridge toward
+plain selection whose λ is picked on held-out calibration rows (pipeline.ridge_fit)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,7 +91,8 @@ class PrunePass(WidthPass):
             w = WidthMap.selection(g.name, g.size, select(model, g, stats, self.config.importance, m))
         if self.config.unmerge == "ls":
             S = torch.kron(selection_matrix(g.size, w.keep), torch.eye(g.unit, dtype=torch.float64))
-            U = ls_unmerge(S, stats.gram, self.config.ls_reg)
+            U, lam = ls_unmerge(S, stats.gram, self.config.ls_reg, prior=S.T, holdout=stats.holdout)
+            self.record_ls(g, lam)
             if g.unit == 1:
                 w.unmerge = U
             else:

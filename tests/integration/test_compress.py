@@ -224,3 +224,16 @@ def test_prune_then_dotresize_with_equal_targets_is_one_add_on_pass(tmp_path):
     chained = Pipeline("prune:mlp=0.1 dotresize:mlp=0.2").run(f"{FACTORY}:llama", data="random", calib_samples=4,
                                                               progress=False)
     assert [(p["method"], p["widths"]["mlp.0"]) for p in chained["passes"]] == [("prune", 88), ("dotresize", 72)]
+
+
+def test_pure_producers_keep_their_rows_and_consumers_fit_toward_the_plan(tmp_path):
+    """pure_producers: every kept neuron's gate/up rows are the dense model's own (a selection); only the
+    consumer takes the merge, fitted by least squares toward the plan with a λ reported per group."""
+    report = run(_job("llama", "dotresize:mlp=0.25,pure_producers=1", tmp_path))
+    dense, _ = models.llama()
+    for i, layer in enumerate(report["_model"].model.layers):
+        for proj in ("gate_proj", "up_proj"):
+            new, old = getattr(layer.mlp, proj).weight, getattr(dense.model.layers[i].mlp, proj).weight
+            assert new.shape[0] == 72 and (new[:, None] == old[None]).all(-1).any(1).all()
+    picked = report["passes"][0]["ls_reg"]
+    assert set(picked) == {"mlp.0", "mlp.1"} and report["graph_check_max_abs_diff"] < 1e-4

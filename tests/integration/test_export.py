@@ -65,3 +65,17 @@ def test_verify_command_json(tmp_path):
     assert [c["name"] for c in checks] == ["identity", "permutation", "rotation residual.0",
                                             "per-layer rotation residual.0"]
     assert all(c["ok"] and c["max_abs_diff"] < 1e-4 for c in checks)
+
+
+def test_forward_flops_count_every_matmul_and_attention():
+    """The FLOPs behind `flops_ratio` (what a perfect speed-up would give): q/k/v/o, gate/up/down and the LM
+    head per token, plus attention scores and values (4·seq² per head_dim channel of each q head), exactly."""
+    from dotresize_fx.export import forward_flops
+    model, _ = models.llama()
+    c = model.config
+    seq, d, hd = 32, c.hidden_size, c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * hd
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size
+    per_token = 2 * per_layer * c.num_hidden_layers + 2 * d * models.VOCAB
+    attention = 4 * seq * seq * c.num_attention_heads * hd * c.num_hidden_layers
+    assert forward_flops(model, 1, seq, models.VOCAB) == per_token * seq + attention

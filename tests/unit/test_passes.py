@@ -5,6 +5,7 @@ import torch
 import models
 from dotresize_fx.analyze import analyze
 from dotresize_fx.errors import DotResizeError
+from dotresize_fx.calibrate import holdout_rows
 from dotresize_fx.pipeline import Targets, ls_unmerge, plan_widths
 from passes import ot as dot
 from passes.prune import pivoted_cholesky
@@ -51,9 +52,31 @@ def test_identity_plan_gives_identity_maps():
 def test_ls_unmerge_is_the_least_squares_reconstruction():
     G, N, X = _gram()
     M = torch.rand(12, 5, dtype=torch.float64)
-    U = ls_unmerge(M, G, reg=0.0)
+    U, lam = ls_unmerge(M, G, reg=0.0)
     best = torch.linalg.lstsq(X @ M, X).solution
-    assert torch.allclose(U, best, atol=1e-8)
+    assert lam == 0.0 and torch.allclose(U, best, atol=1e-8)
+
+
+def test_ls_with_few_rows_picks_its_ridge_on_held_out_rows():
+    """Barely more rows than features: plain least squares fits noise; the held-out rows pick a ridge toward
+    the prior (plain selection) that predicts unseen rows better. Without held-out rows, reg is used as given."""
+    torch.manual_seed(0)
+    n, m = 240, 200
+    W = torch.randn(n, 16, dtype=torch.float64)
+
+    def rows(k):
+        return torch.randn(k, 16, dtype=torch.float64) @ W.T + torch.randn(k, n, dtype=torch.float64)
+    S = torch.eye(n, dtype=torch.float64)[:, :m]
+    X, X_test = rows(300), rows(4000)      # rows 256…299 are held out: 256 rows fit 200 features
+    hold = holdout_rows(300)
+    G, G_hold = X.T @ X, X[hold].T @ X[hold]
+    U, lam = ls_unmerge(S, G, 1e-8, prior=S.T, holdout=G_hold)
+    U_plain, lam_plain = ls_unmerge(S, G, 1e-8)
+
+    def test_error(U):
+        return (X_test - X_test @ S @ U).pow(2).mean().item()
+    assert lam_plain == 1e-8 and lam > 1e-8
+    assert test_error(U) < 0.9 * test_error(U_plain)
 
 
 def test_semi_plan_keeps_targets_pure_mass():
