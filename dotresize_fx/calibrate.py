@@ -29,8 +29,8 @@ def holdout_rows(n_rows: int) -> torch.Tensor:
 
 @dataclass
 class Stats:
-    """G = XᵀX over all observed rows; `holdout` is the held-out rows' share of G (fits use G − holdout and
-    judge themselves on holdout)."""
+    """G = XᵀX over all observed rows; `holdout` (kept where a least-squares fit reads the Gram: MLP, heads,
+    channels) is the held-out rows' share of G (fits use G − holdout and judge themselves on holdout)."""
     gram: torch.Tensor
     sum: torch.Tensor
     count: int = 0
@@ -50,10 +50,9 @@ class Stats:
         self.gram += x.T @ x
         self.sum += x.sum(0)
         self.count += x.shape[0]
-        if self.holdout is None:
-            self.holdout = torch.zeros_like(self.gram)
-        h = x[holdout_rows(x.shape[0])]
-        self.holdout += h.T @ h
+        if self.holdout is not None:
+            h = x[holdout_rows(x.shape[0])]
+            self.holdout += h.T @ h
 
 
 @dataclass
@@ -105,6 +104,7 @@ def _install(model, group: WidthGroup, cal: Calibration, per_norm: bool = False)
             hooks.append(model.get_submodule(name).register_forward_pre_hook(
                 lambda mod, args, name=name: on_norm(mod, args, name)))
         return hooks
+    stats.holdout = torch.zeros_like(stats.gram)
     consumer = _observed_consumer(group)
     channel_dim = 1 if consumer.op.startswith("conv") else -1
     off, length = consumer.offset, consumer.length or n_ch
