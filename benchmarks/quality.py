@@ -45,6 +45,8 @@ ROWS = {
     "prune+ls-mixed": "prune:mlp=0.2,heads=0.34,unmerge=ls",
     "prune+ls-10": "prune:mlp=0.125,unmerge=ls",
     "dotresize-mlp-10": "dotresize:mlp=0.125",
+    "dotresize-mlp-10-mass0.25": "dotresize:mlp=0.125,mass=0.25",
+    "dotresize-mlp-10-pure": "dotresize:mlp=0.125,pure_producers=1,refine=0",
     "prune+ls-30": "prune:mlp=0.375,unmerge=ls",
     "dotresize-mlp-30": "dotresize:mlp=0.375",
 }

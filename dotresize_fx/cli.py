@@ -101,7 +101,8 @@ def cmd_compress(args) -> dict:
                 options[key] = getattr(args, key)
         specs = [PassSpec(args.method, options)]
     job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
-              eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx)
+              eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx,
+              opset=args.opset)
     report = public(run(job))
     _print_summary(report)
     return report
@@ -162,6 +163,8 @@ def _print_summary(r: dict) -> None:
             line += f", perplexity ORT {o['ppl_ort']:.3f} / torch {o['ppl_torch']:.3f}"
         if "latency_ratio" in o:
             line += f", latency compressed/dense {o['latency_ratio']:.2f} (FLOPs {o['flops_ratio']:.2f})"
+        if "latency_bound" in o:
+            line += f"; {_bound_line(o)}"
         print(line)
     if r.get("quantized"):
         q = r["quantized"]
@@ -181,8 +184,8 @@ def cmd_export(args) -> dict:
         raise DotResizeError(f"{source} is not a model directory (no {PLAN_FILE} or config.json): give the --out "
                              "directory of 'dotresize-fx compress'")
     model, _, inputs = load(args.model)
-    path = to_onnx(model, inputs, Path(args.out))
-    result = validate(model, path, None, inputs)
+    path = to_onnx(model, inputs, Path(args.out), args.opset)
+    result = validate(model, path, None, inputs, opset=args.opset)
     print(f"wrote {path}; max |logits ORT - torch| {result['max_abs_diff']:.2g} on the example inputs")
     check(result)
     return result
@@ -195,7 +198,8 @@ def cmd_demo(args) -> dict:
     """The main job on the embedded default: compress, evaluate, export, validate, quantize, one table."""
     from .compress import Job, PassSpec, public, run
     job = Job("smollm2-135m", PassSpec.parse(args.passes), data="sotu", calib_samples=args.calib_samples,
-              seq_len=args.seq_len, eval_tokens=args.eval_tokens, out=args.out, overwrite=True, onnx=True)
+              seq_len=args.seq_len, eval_tokens=args.eval_tokens, out=args.out, overwrite=True, onnx=True,
+              opset=args.opset)
     print(f"DOTResize demo on SmolLM2-135M: passes '{args.passes}', SOTU (calibration: addresses before 2000, "
           f"evaluation: 2000 on), windows of {args.seq_len}, {args.eval_tokens} evaluation tokens")
     r = public(run(job))
@@ -212,9 +216,22 @@ def cmd_demo(args) -> dict:
     print()
     for row in rows:
         print(f"{row[0]:<20}{row[1]:>16}{row[2]:>18}{row[3]:>18}")
-    print(f"\nONNX parity max |logits ORT - torch| {o['max_abs_diff']:.2g} (tolerance {o['tolerance']}); "
+    print(f"\nlatency at 8x{args.seq_len}: {_bound_line(o)}")
+    print(f"ONNX parity max |logits ORT - torch| {o['max_abs_diff']:.2g} (tolerance {o['tolerance']}); "
           f"total {r['timing']['total_s']:.0f} s; outputs in {args.out}")
     return r
+
+
+def _bound_line(o: dict) -> str:
+    verdict = "within" if o["latency_within_bound"] else "ABOVE"
+    return (f"ratio {o['latency_ratio']:.3f} {verdict} the bound {o['latency_bound']:.3f} "
+            f"(non-embedding parameter ratio {o['param_ratio']:.3f} + 0.05)")
+
+
+def _add_opset(p: argparse.ArgumentParser) -> None:
+    from .export import OPSET
+    p.add_argument("--opset", type=int, default=OPSET, choices=range(18, OPSET + 1), metavar=f"18..{OPSET}",
+                   help=f"ONNX opset (default {OPSET}: attention as one Attention node; 18 for older runtimes)")
 
 
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
@@ -240,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--json", help="write the report here too")
+    _add_opset(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="perplexity of a model (DESIGN §7 protocol)")
@@ -277,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx and validate it under onnxruntime")
+    _add_opset(p)
     p.add_argument("--json", help="write the report here too")
     p.set_defaults(func=cmd_compress)
 
@@ -284,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--json", help="write the parity result here")
+    _add_opset(p)
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -21,6 +21,7 @@ from .calibrate import collect_stats
 from .capture import capture
 from .errors import DotResizeError
 from .evaluate import parameter_counts, perplexity
+from .export import OPSET
 from .load import load
 from .pipeline import Targets, plan_widths
 from .save import check_output_dir, save
@@ -114,6 +115,7 @@ class Job:
     evaluate: bool = True
     progress: bool = True
     onnx: bool = False
+    opset: int = OPSET
     layerwise: bool = True
 
 
@@ -203,12 +205,16 @@ def run(job: Job) -> dict:
 
 def _export_and_validate(job, report, compressed, dense, inputs, windows, quantize) -> None:
     import json
-    from .export import check, to_onnx, validate
+    from .export import check, latency_bound, to_onnx, validate
     t = time.perf_counter()
-    path = to_onnx(compressed, inputs, Path(job.out) / "model.onnx")
+    path = to_onnx(compressed, inputs, Path(job.out) / "model.onnx", job.opset)
     vocab = getattr(getattr(dense, "config", None), "vocab_size", None)
     report["onnx"] = validate(compressed, path, windows, inputs, dense_model=dense, vocab=vocab, corpus=job.data,
-                              latency_shapes=((1, job.seq_len), (8, job.seq_len)))
+                              latency_shapes=((1, job.seq_len), (8, job.seq_len)), ppl_torch=report["ppl_after"],
+                              opset=job.opset)
+    if "latency_ratio" in report["onnx"]:
+        param_ratio = report["nonembed_params_after"] / report["nonembed_params_before"]
+        report["onnx"].update(latency_bound(report["onnx"], param_ratio))
     report["onnx"]["size_mb"] = path.stat().st_size / 2**20
     report["timing"]["onnx_s"] = time.perf_counter() - t
     for spec in quantize:

@@ -1,5 +1,6 @@
 """Every example runs at small size and checks its own round trip."""
 import importlib.util
+import json
 from pathlib import Path
 
 import onnx
@@ -23,5 +24,9 @@ def test_example_round_trip(name, tmp_path, capsys):
 
 def test_pipeline_example_writes_float_and_int8_onnx(tmp_path):
     assert _main("pipeline_onnx")(["--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    o = report["onnx"]
+    assert o["param_ratio"] == pytest.approx(report["nonembed_params_after"] / report["nonembed_params_before"])
+    assert o["latency_within_bound"] == (o["latency_ratio"] <= o["param_ratio"] + 0.05)
     q = onnx.load(str(tmp_path / "out" / "model.int8.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in q.graph.node)

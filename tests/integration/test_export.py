@@ -1,5 +1,6 @@
 """ONNX export with dynamic batch/sequence, onnxruntime parity, and the export command's errors."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,10 +11,13 @@ from dotresize_fx.errors import DotResizeError
 from dotresize_fx.export import PARITY_TOL, check, to_onnx
 
 
-@pytest.mark.parametrize("arch", ["llama", "nanogpt"])
-def test_onnx_matches_torch_at_two_shapes(arch, tmp_path):
+@pytest.mark.parametrize("arch,opset", [("llama", 23), ("llama", 18), ("nanogpt", 23)])
+def test_onnx_matches_torch_at_two_shapes(arch, opset, tmp_path):
+    """Llama's SDPA becomes one ONNX Attention node from opset 23 on; nanoGPT's explicit math stays MatMuls."""
     model, inputs = getattr(models, arch)()
-    path = to_onnx(model, inputs, tmp_path / "m.onnx")
+    path = to_onnx(model, inputs, tmp_path / "m.onnx", opset)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("Attention" in ops) == (arch == "llama" and opset >= 23)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     assert names == (["input_ids", "attention_mask"] if arch == "llama" else ["input_ids"])
@@ -79,3 +83,10 @@ def test_forward_flops_count_every_matmul_and_attention():
     per_token = 2 * per_layer * c.num_hidden_layers + 2 * d * models.VOCAB
     attention = 4 * seq * seq * c.num_attention_heads * hd * c.num_hidden_layers
     assert forward_flops(model, 1, seq, models.VOCAB) == per_token * seq + attention
+
+
+def test_latency_bound_is_the_parameter_ratio_plus_slack():
+    from dotresize_fx.export import LATENCY_SLACK, latency_bound
+    met = latency_bound({"latency_ratio": 0.93, "flops_ratio": 0.93}, 0.906)
+    assert met["latency_within_bound"] and met["latency_bound"] == pytest.approx(0.906 + LATENCY_SLACK)
+    assert not latency_bound({"latency_ratio": 0.88, "flops_ratio": 0.87}, 0.81)["latency_within_bound"]
