@@ -8,7 +8,7 @@ import torch
 import models
 from dotresize_fx.cli import main
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.export import PARITY_TOL, check, to_onnx
+from dotresize_fx.export import LATENCY_SLACK, PARITY_TOL, check, latency_bound, to_onnx
 
 
 @pytest.mark.parametrize("arch,opset", [("llama", 23), ("llama", 18), ("nanogpt", 23)])
@@ -86,7 +86,6 @@ def test_forward_flops_count_every_matmul_and_attention():
 
 
 def test_latency_bound_is_the_parameter_ratio_plus_slack():
-    from dotresize_fx.export import LATENCY_SLACK, latency_bound
     met = latency_bound({"latency_ratio": 0.93, "flops_ratio": 0.93}, 0.906)
     assert met["latency_within_bound"] and met["latency_bound"] == pytest.approx(0.906 + LATENCY_SLACK)
     assert not latency_bound({"latency_ratio": 0.88, "flops_ratio": 0.87}, 0.81)["latency_within_bound"]
