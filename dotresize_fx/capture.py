@@ -78,7 +78,7 @@ def _lean_tracing():
     """Two costs of torch.export that buy nothing here, switched off for the capture only: per-node Python stack
     traces (~20% of SmolLM2's capture; nothing downstream reads them) and Python's cyclic garbage collector, which
     the export's millions of small allocations trigger over and over, each time walking the whole heap (the model,
-    earlier graphs): ~10%, 5.33 → 4.77 s median over 5 interleaved captures (2026-11-30)."""
+    earlier graphs): ~10% (`benchmarks/analyze.py`, SmolLM2: median 5.0–5.7 s before, 4.6–4.7 s after)."""
     emit_stack_traces = torch.fx.config.do_not_emit_stack_traces
     collecting = gc.isenabled()
     torch.fx.config.do_not_emit_stack_traces = True

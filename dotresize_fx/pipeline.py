@@ -17,7 +17,7 @@ from .analyze import Analysis, WidthGroup
 from .calibrate import BlockRunner, Calibration, Stats, block_list, block_of, collect_stats, holdout_rows
 from .errors import DotResizeError
 from .load import model_outputs
-from .rewrite import WidthMap, expand_units, apply, finalize, restored, stage_of
+from .rewrite import WidthMap, apply, expand_units, finalize, restored, stage_of
 
 log = logging.getLogger(__name__)
 

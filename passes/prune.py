@@ -19,7 +19,7 @@ import torch
 from dotresize_fx.analyze import WidthGroup
 from dotresize_fx.calibrate import Stats
 from dotresize_fx.pipeline import Targets, WidthPass, consumer_column_norms, keep_heads, ls_unmerge, unit_scores
-from dotresize_fx.rewrite import WidthMap, selection_matrix
+from dotresize_fx.rewrite import WidthMap, expand_units, selection_matrix
 
 Importance = Literal["weight", "activation", "act_weight", "cholesky"]
 
@@ -90,7 +90,7 @@ class PrunePass(WidthPass):
         else:
             w = WidthMap.selection(g.name, g.size, select(model, g, stats, self.config.importance, m))
         if self.config.unmerge == "ls":
-            S = torch.kron(selection_matrix(g.size, w.keep), torch.eye(g.unit, dtype=torch.float64))
+            S = expand_units(selection_matrix(g.size, w.keep), g.unit)
             U, lam = ls_unmerge(S, stats.gram, self.config.ls_reg, prior=S.T, holdout=stats.holdout)
             self.record_ls(g, lam)
             if g.unit == 1:
