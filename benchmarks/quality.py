@@ -43,6 +43,9 @@ ROWS = {
     # mixed, and the 10% / 30% levels
     "dotresize-mixed": "dotresize:mlp=0.2,heads=0.34",
     "prune+ls-mixed": "prune:mlp=0.2,heads=0.34,unmerge=ls",
+    "prune+ls-14": "prune:mlp=0.1875,unmerge=ls",   # MLP 1536→1248 (−14.1%)
+    "dotresize-mlp-14-mass0.25": "dotresize:mlp=0.1875,mass=0.25",
+    "dotresize-mlp-14-pure": "dotresize:mlp=0.1875,pure_producers=1,refine=0",
     "prune+ls-10": "prune:mlp=0.125,unmerge=ls",
     "dotresize-mlp-10": "dotresize:mlp=0.125",
     "dotresize-mlp-10-mass0.25": "dotresize:mlp=0.125,mass=0.25",

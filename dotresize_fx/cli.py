@@ -191,7 +191,10 @@ def cmd_export(args) -> dict:
     return result
 
 
-DEMO_PASSES = "dotresize:mlp=0.25,mass=0.25 quantize:int8"  # mass picked on validation:sotu (README)
+# MLP 1536→1344 (−9.4% non-embedding): larger cuts leave the onnxruntime speed-up too close to (−14.1%) or beyond
+# (−18.7%) the parameter ratio + 0.05 on this model and machine (README, Known limits); mass picked on
+# validation:sotu.
+DEMO_PASSES = "dotresize:mlp=0.125,mass=0.25 quantize:int8"
 
 
 def cmd_demo(args) -> dict:

@@ -1,9 +1,11 @@
 """ONNX export (torch.onnx, dynamo) and validation under onnxruntime (DESIGN §6)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +50,24 @@ def takes_mask(model: torch.nn.Module, example_inputs: tuple) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _native_gqa():
+    """Hugging Face attention hands grouped-query keys and values to SDPA as they are (`enable_gqa`) instead of
+    repeating them per query head when a mask is passed, so each `Attention` node reads SmolLM2's 3 kv heads
+    instead of 9 copies, and the graph loses an Unsqueeze, an Expand and a Reshape per key and value. At 8×512
+    under onnxruntime the speed difference is within run-to-run noise (6.84 vs 6.96 s in one A/B, 7.16 vs
+    7.10 s in `benchmarks/onnx_opset.py --repeat-kv`)."""
+    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int = OPSET) -> Path:
     """Export with dynamic batch and sequence; the file is written beside a temporary name, then renamed.
 
@@ -66,7 +86,7 @@ def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path, ops
     if mask:
         args, names, shapes = (ids, torch.ones_like(ids)), names + ["attention_mask"], (dims, dict(dims))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _native_gqa():
             program = torch.onnx.export(_Logits(model, mask).eval(), args, dynamo=True, input_names=names,
                                         output_names=["logits"], dynamic_shapes=shapes, verbose=False,
                                         opset_version=opset, optimize=opset < 23)
@@ -128,19 +148,21 @@ def parity(sess, model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return worst
 
 
-def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 5) -> list[float]:
-    """Median seconds per run of each session on the same random ids; runs interleave (a, b, a, b, …) so that
-    the machine's drift hits every session alike."""
+def latency(sessions: list, batch: int, seq: int, vocab: int, repeats: int = 7) -> list[float]:
+    """Median seconds per run of each session on the same random ids. Runs interleave, in alternating order
+    (a, b, b, a, a, b, …), so that the machine's drift and the slot a run takes in a round hit every session
+    alike: on this project's 2-core VM single runs of one file vary by ±5–10%."""
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int64)
     feeds = [_feed(sess, ids) for sess in sessions]
     for sess, feed in zip(sessions, feeds):
         sess.run(["logits"], feed)  # warm-up
     times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for sess, feed, t_list in zip(sessions, feeds, times):
+    for r in range(repeats):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
             t = time.perf_counter()
-            sess.run(["logits"], feed)
-            t_list.append(time.perf_counter() - t)
+            sessions[i].run(["logits"], feeds[i])
+            times[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
 
@@ -161,7 +183,7 @@ def forward_flops(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> i
 def dense_onnx(model: torch.nn.Module, example_inputs: tuple, opset: int = OPSET) -> Path:
     """The reference model's ONNX file, exported once per model content and opset and cached."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)} "
-                       f"{opset}".encode())
+                       f"{opset} native-gqa".encode())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
     path = cache_dir() / "onnx" / f"dense-{h.hexdigest()[:20]}.onnx"

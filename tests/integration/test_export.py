@@ -18,6 +18,12 @@ def test_onnx_matches_torch_at_two_shapes(arch, opset, tmp_path):
     path = to_onnx(model, inputs, tmp_path / "m.onnx", opset)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert ("Attention" in ops) == (arch == "llama" and opset >= 23)
+    if "Attention" in ops:  # grouped-query keys and values reach the Attention node unrepeated (2 kv heads)
+        graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+                  for v in graph.value_info}
+        attention = [n for n in graph.node if n.op_type == "Attention"]
+        assert attention and all(shapes[n.input[1]][1] == shapes[n.input[2]][1] == 2 for n in attention)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     assert names == (["input_ids", "attention_mask"] if arch == "llama" else ["input_ids"])
