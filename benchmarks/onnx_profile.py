@@ -41,10 +41,10 @@ def main():
         for _ in range(1 + args.runs):
             sess.run(["logits"], feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    runs = [e["dur"] / 1e6 for e in events if e.get("name") == "model_run"][1:]  # the first is the warm-up
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    warmup_end = [e for e in events if e.get("name") == "model_run"][0]
-    kernels = [e for e in kernels if e["ts"] > warmup_end["ts"] + warmup_end["dur"]]
+    warmup, *timed = [e for e in events if e.get("name") == "model_run"]
+    runs = [e["dur"] / 1e6 for e in timed]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+               and e["ts"] > warmup["ts"] + warmup["dur"]]
     by_op, by_node = collections.Counter(), collections.Counter()
     for e in kernels:
         by_op[e["args"]["op_name"]] += e["dur"] / 1e6 / args.runs
