@@ -45,7 +45,7 @@ def main():
         paths = [dense_onnx(model, inputs, args.opset)]
         for f in args.mlp:
             spec = PassSpec("prune", {"mlp": f, "importance": "weight"})
-            cut = build_pass(spec, analysis, None, inputs)(model).graph_module
+            cut = build_pass(spec, analysis, inputs, [inputs])(model).graph_module
             paths.append(to_onnx(cut, inputs, Path(tmp) / f"mlp{f}.onnx", args.opset))
             param_ratio = parameter_counts(cut)["non_embedding"] / dense_params
             rows.append({"mlp": f, "param_ratio": param_ratio, "bound": param_ratio + LATENCY_SLACK,

@@ -5,12 +5,12 @@ import contextlib
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import DotResizeError
-from .load import model_outputs
+from .outputs import model_outputs
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,10 @@ class CapturedModel:
 
     `node_module`: call node name → FQN of the innermost module that ran it (from `nn_module_stack`).
     `input_param`: placeholder name → parameter or buffer FQN (from the graph signature).
-    `dynamic`: which input dims stayed dynamic (batch/sequence) — fixed sizes are specialised by torch.export.
     """
     program: torch.export.ExportedProgram
     node_module: dict[str, str]
     input_param: dict[str, str]
-    user_inputs: list[str]
-    dynamic: dict[str, list[int]] = field(default_factory=dict)
     capture_s: float = 0.0
 
     @property
@@ -60,14 +57,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, check: bool = True
         stack = node.meta.get("nn_module_stack")
         if stack:
             node_module[node.name] = _clean_fqn(list(stack.values())[-1][0])
-    dynamic = {}
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in sig.user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                dynamic[node.name] = [i for i, s in enumerate(val.shape) if not isinstance(s, int)]
-    captured = CapturedModel(program, node_module, input_param, list(sig.user_inputs), dynamic,
-                             time.perf_counter() - t0)
+    captured = CapturedModel(program, node_module, input_param, time.perf_counter() - t0)
     if check:
         check_capture(model, captured, example_inputs)
     return captured

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import DotResizeError
+from .targets import TARGET_KINDS
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -71,19 +72,19 @@ def cmd_analyze(args) -> dict:
 def cmd_verify(args) -> dict:
     from .analyze import analyze
     from .load import load
-    from .rewrite import VERIFY_TOL, invariance_checks
+    from .verify import invariance_checks
     model, _, inputs = load(args.model)
     analysis = analyze(model, inputs)
     checks = invariance_checks(model, analysis, inputs)
     for c in checks:
         diff = f"max |d output| {c['max_abs_diff']:.3g}"
         print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']:<24} {diff}")
-    result = {"checks": checks, "tolerance": VERIFY_TOL, "dtype": "float64"}
+    result = {"checks": checks, "dtype": "float64", "tolerance_scale": "max(1, max |output|)"}
     if not all(c["ok"] for c in checks):
         _write_json(args.json, result)
         bad = [c for c in checks if not c["ok"]]
         raise DotResizeError(f"{len(bad)} invariance check(s) failed (worst {max(c['max_abs_diff'] for c in bad):.3g} "
-                             f"> {VERIFY_TOL}): the rewrite does not preserve this model; run 'analyze --details' "
+                             f"> {bad[0]['tolerance']:.3g}): the rewrite does not preserve this model; run 'analyze --details' "
                              "and report the group")
     return result
 
@@ -93,7 +94,7 @@ def cmd_compress(args) -> dict:
     if args.passes:
         specs = PassSpec.parse(args.passes)
     else:
-        options = {k: v for k, v in (("mlp", args.mlp), ("heads", args.heads), ("residual", args.residual)) if v}
+        options = {k: getattr(args, k) for k in TARGET_KINDS if getattr(args, k) is not None}
         if args.budget is not None:
             options = _budget_options(args)
         for key in ("importance", "unmerge", "residual_maps"):
@@ -112,9 +113,9 @@ def _budget_options(args) -> dict:
     if not 0 < args.budget < 1:
         raise DotResizeError(f"--budget {args.budget}: the fraction of non-embedding parameters to remove "
                              "must be in (0, 1)")
-    if args.residual or args.heads:
+    if any(getattr(args, k) is not None for k in TARGET_KINDS):
         raise DotResizeError("--budget spreads the reduction over the MLP widths; do not combine it with "
-                             "--heads/--residual (give fractions instead)")
+                             "--mlp/--heads/--residual/--channels (give fractions instead)")
     # each MLP neuron carries 3 (SwiGLU) or 2 weights per residual channel: fraction of MLP params ≈ fraction
     # of MLP width, so solve for the MLP fraction that removes the budget
     from .analyze import analyze
@@ -243,7 +244,18 @@ def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored for perplexity (default 16384)")
 
 
+def _choices():
+    """CLI choices from the pass registries: one place to add a pass, an importance or an unmerge."""
+    from passes import WIDTH_PASSES
+    from .options import choices
+    importances = choices(WIDTH_PASSES["prune"].Config, "importance")
+    unmerges = dict.fromkeys(u for p in WIDTH_PASSES.values() if "unmerge" in p.Config.__dataclass_fields__
+                             for u in choices(p.Config, "unmerge"))
+    return list(WIDTH_PASSES), list(importances), list(unmerges)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    methods, importances, unmerges = _choices()
     parser = argparse.ArgumentParser(prog="dotresize-fx", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("DOTRESIZE_THREADS", 0)) or None,
@@ -282,14 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a model with a pass or a pipeline of passes")
     p.add_argument("model")
-    p.add_argument("--method", choices=["prune", "dotresize", "pca"], default="dotresize")
+    p.add_argument("--method", choices=methods, default="dotresize")
     p.add_argument("--passes", help='a pipeline, e.g. "prune:mlp=0.2 dotresize:mlp=0.2"')
-    p.add_argument("--mlp", type=float, default=0.0, help="fraction of every MLP width to remove")
-    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
-    p.add_argument("--residual", type=float, default=0.0, help="fraction of the residual stream to remove")
+    p.add_argument("--mlp", type=float, help="fraction of every MLP width to remove")
+    p.add_argument("--heads", type=float, help="fraction of attention heads to remove")
+    p.add_argument("--residual", type=float, help="fraction of the residual stream to remove")
+    p.add_argument("--channels", type=float, help="fraction of every channel group (conv channels) to remove")
     p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove (MLP widths)")
-    p.add_argument("--importance", choices=["weight", "activation", "act_weight", "cholesky"])
-    p.add_argument("--unmerge", choices=["select", "ls", "ot", "pinv"])
+    p.add_argument("--importance", choices=importances)
+    p.add_argument("--unmerge", choices=unmerges, help="select|ls for prune; ot|pinv|ls for dotresize")
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")

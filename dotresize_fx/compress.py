@@ -4,6 +4,7 @@ Kept out of the CLI so that examples, benchmarks and tests run exactly what `dot
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import resource
@@ -17,13 +18,11 @@ from tqdm.auto import tqdm
 
 from . import data
 from .analyze import analyze
-from .calibrate import collect_stats
 from .capture import capture
 from .errors import DotResizeError
 from .evaluate import parameter_counts, perplexity
 from .export import OPSET
 from .load import load
-from .pipeline import Targets, plan_widths
 from .save import check_output_dir, save
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class Pipeline:
         return run(Job(model, self.passes, **job_options))
 
 
-_TARGETS = ("mlp", "heads", "residual", "round_to")
+_TARGETS = ("mlp", "heads", "residual", "channels", "round_to", "residual_maps")
 
 
 def add_on(specs) -> list[PassSpec]:
@@ -119,11 +118,21 @@ class Job:
     layerwise: bool = True
 
 
+def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> dict:
+    """Compress `model` (a model spec) with `passes` (`"prune:mlp=0.2 dotresize:mlp=0.2"`); the report.
+
+    `job_options` are `Job` fields (data, calib_samples, seq_len, eval_tokens, out, onnx, …)."""
+    return Pipeline(passes).run(model, **job_options)
+
+
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
-    from passes import build_pass
-    quantize = [s for s in job.passes if s.method == "quantize"]
-    specs = add_on(s for s in job.passes if s.method != "quantize")
+    from passes import EXPORT_PASSES, export_config, width_config
+    quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
+    specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
+    configs = [width_config(s) for s in specs] + [export_config(s) for s in quantize]  # bad options fail first
+    if not specs and not quantize:
+        raise DotResizeError("no passes given: e.g. --method prune --mlp 0.25, or --passes \"dotresize:mlp=0.25\"")
     onnx = job.onnx or bool(quantize)
     if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
@@ -140,45 +149,30 @@ def run(job: Job) -> dict:
     before = parameter_counts(model)
     ppl_before = _ppl(model, eval_windows, job) if job.evaluate else None
 
-    current, pass_reports, calibration = model, [], None
+    current, pass_reports = model, []
     t = time.perf_counter()
-    calib_forward_s = 0.0
-    for i, spec in enumerate(specs):
-        if calibration is None:
-            # layerwise passes calibrate blocks themselves; the whole-model pass covers what spans blocks
-            kinds = ("residual",) if job.layerwise else ("mlp", "heads", "residual")
-            groups = [g.name for g in analysis.groups if g.resizable and g.kind in kinds]
-            calibration = collect_stats(current, analysis, calib, groups, progress=job.progress,
-                                        per_norm=spec.options.get("residual_maps") == "per_layer")
-            calib_forward_s += calibration.forward_s
-        bar = tqdm(desc=f"{spec.method} layer by layer", unit="block", disable=not job.progress, leave=False)
-        the_pass = build_pass(spec, analysis, calibration, inputs, batches=calib if job.layerwise else None,
-                              progress=_bar_update(bar))
+    from passes import WIDTH_PASSES
+    for i, (spec, config) in enumerate(zip(specs, configs)):
+        bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
+        the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise)
         try:
-            result = the_pass(current)
-        except (RuntimeError, ValueError, IndexError) as e:  # raised by the model's own forward once resized
-            raise DotResizeError(
-                f"the model no longer runs after {spec.method} resized it ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}): its forward derives a width from something the "
-                "rewrite cannot see (a tensor's shape, a hard-coded number); leave that width unchanged "
-                "(--debug shows where)") from e
+            with resized_forward(spec.method, analysis, config.targets):
+                result = the_pass(current)
         finally:
             bar.close()
-        calib_forward_s += the_pass.report.get("calib_forward_s", 0.0)
         current = result.graph_module
         pass_reports.append({"method": f"{spec.targets_by}>{spec.method}" if spec.targets_by else spec.method,
-                             "options": spec.options, **the_pass.report,
-                             "_pass": the_pass})
-        if result.modified and i + 1 < len(specs):
+                             "options": spec.options, **the_pass.report})
+        if i + 1 < len(specs):
             analysis = analyze(current, inputs)
-            calibration = None
     timing["compress_s"] = time.perf_counter() - t
-    timing["calib_forward_s"] = calib_forward_s
-    graph_diff = _graph_check(current, inputs)
+    timing["calib_forward_s"] = sum(r.get("calib_forward_s", 0.0) for r in pass_reports)
+    with resized_forward("the rewrite", analysis, None):
+        graph_diff = _graph_check(current, inputs)
     after = parameter_counts(current)
     ppl_after = _ppl(current, eval_windows, job) if job.evaluate else None
     report = {
-        "model": job.model, "passes": [{k: v for k, v in r.items() if k != "_pass"} for r in pass_reports],
+        "model": job.model, "passes": pass_reports,
         "params_before": before["total"], "params_after": after["total"],
         "nonembed_params_before": before["non_embedding"], "nonembed_params_after": after["non_embedding"],
         "nonembed_reduction": 1 - after["non_embedding"] / before["non_embedding"],
@@ -198,9 +192,52 @@ def run(job: Job) -> dict:
              report=public(report), overwrite=job.overwrite)
         report["out"] = job.out
         if onnx:
-            _export_and_validate(job, report, current, model, inputs, eval_windows, quantize)
+            _export_and_validate(job, report, current, model, inputs, eval_windows,
+                                 configs[len(specs):])
             report["timing"]["total_s"] = time.perf_counter() - t_start
     return report
+
+
+@contextlib.contextmanager
+def resized_forward(method: str, analysis, targets):
+    """Errors raised by the model's own forward once resized (not by this toolkit's code) become one
+    DotResizeError that says why such a forward breaks and which graph constants encode the width."""
+    try:
+        yield
+    except DotResizeError:
+        raise
+    except Exception as e:
+        if _raised_by_toolkit(e):
+            raise
+        kinds = set(targets.asked()) if targets is not None else set(analysis.kinds())
+        constants = [f"{c.node}[{c.index}] = {c.value} ({g.name})" for g in analysis.groups if g.kind in kinds
+                     for c in g.constants][:3]
+        where = f"; the graph encodes these widths as constants: {', '.join(constants)}" if constants else ""
+        raise DotResizeError(
+            f"the model no longer runs after {method} resized it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): its forward derives a width from something the "
+            f"rewrite cannot see (a tensor's shape, a hard-coded number){where}; leave that width unchanged "
+            "(--debug shows where)") from e
+
+
+_TOOLKIT = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "passes")
+
+
+def _raised_by_toolkit(e: BaseException) -> bool:
+    """Whether the error comes from this package's code (a bug of ours) rather than from a model's forward:
+    going outward from where it was raised, the first frame that is either ours or some module's `forward`."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        path = Path(frame.f_code.co_filename).resolve()
+        if any(root in path.parents for root in _TOOLKIT):
+            return True
+        if frame.f_code.co_name == "forward":
+            return False
+    return False
 
 
 def _export_and_validate(job, report, compressed, dense, inputs, windows, quantize) -> None:
@@ -217,9 +254,9 @@ def _export_and_validate(job, report, compressed, dense, inputs, windows, quanti
         report["onnx"].update(latency_bound(report["onnx"], param_ratio))
     report["onnx"]["size_mb"] = path.stat().st_size / 2**20
     report["timing"]["onnx_s"] = time.perf_counter() - t
-    for spec in quantize:
-        from passes.quantize import QuantizeConfig, quantize_onnx
-        q = quantize_onnx(path, path.with_name("model.int8.onnx"), QuantizeConfig(**spec.options))
+    for config in quantize:
+        from passes.quantize import quantize_onnx
+        q = quantize_onnx(path, path.with_name(f"model.{config.scheme}.onnx"), config)
         if windows is not None:
             from .evaluate import perplexity
             from .export import ort_forward, session

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .load import model_outputs
+from .outputs import model_outputs
 
 
 def perplexity(model: torch.nn.Module | Callable, windows: torch.Tensor, *, corpus: str, batch_size: int = 4,

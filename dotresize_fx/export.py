@@ -15,7 +15,7 @@ import torch
 
 from .cache import cache_dir
 from .errors import DotResizeError
-from .load import main_output, model_outputs
+from .outputs import main_output, model_outputs
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ A spec is one of:
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -19,9 +20,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import load_file, load_model
 
 from .cache import atomic_dir, cache_dir, sha256_file
 from .errors import DotResizeError
+from .families import sync_shapes
+from .residual import SKIP_ADAPTER, add_skip_adapter
+from .save import BUFFERS, FORMAT, PLAN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,6 @@ def load(spec: str | Path) -> Loaded:
             raise DotResizeError(f"GGUF file {spec!r} does not exist: check the path")
         return _load_hf_dir(gguf_to_hf_dir(path))
     if path.is_dir():
-        from .save import PLAN_FILE, load_compressed
         if (path / PLAN_FILE).is_file():
             return load_compressed(path)
         if (path / "config.json").is_file():
@@ -200,17 +204,62 @@ def _check_factory_output(spec: str, out: Any) -> Loaded:
     return Loaded(model.eval(), rest[0] if rest else None, tuple(inputs))
 
 
-def model_outputs(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
-    """The model's main output tensor on `inputs` (see `main_output`)."""
-    return main_output(model(*inputs))
+def load_compressed(path: str | Path):
+    """Replay a resize plan on a fresh copy of its source model, then load the saved weights."""
+    path = Path(path)
+    try:
+        plan = json.loads((path / PLAN_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise DotResizeError(f"{path / PLAN_FILE} is unreadable ({e}): the directory is not a complete "
+                             "dotresize_fx output; compress again") from e
+    if plan.get("format") != FORMAT:
+        raise DotResizeError(f"{path / PLAN_FILE} has format {plan.get('format')}, this version reads {FORMAT}")
+    source = load(plan["source"])
+    model = source.model
+    tied = {n: group for group in plan["tied"] for n in group}
+    made = {}
+    for name in plan.get("skip_adapters", []):
+        mod = model.get_submodule(name)
+        add_skip_adapter(mod, torch.empty(plan["shapes"][f"{name}.{SKIP_ADAPTER}"]))
+    for name, shape in plan["shapes"].items():
+        module, _, attr = name.rpartition(".")
+        key = tied.get(name, [name])[0]
+        if key not in made:
+            made[key] = torch.nn.Parameter(torch.empty(shape), requires_grad=False)
+        setattr(model.get_submodule(module), attr, made[key])
+    weights = path / plan["weights"]
+    if not weights.is_file():
+        raise DotResizeError(f"{weights} is missing: the directory is incomplete; compress again")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as e:
+        raise DotResizeError(f"{weights} is corrupt or does not match its plan ({e}); compress again") from e
+    aliases = {n for g in plan["tied"] for n in g[1:]}
+    if unexpected or set(missing) - aliases - _buffers(model):
+        raise DotResizeError(f"{weights} does not match its plan: missing {sorted(set(missing) - aliases)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    if (path / BUFFERS).is_file():
+        for name, value in load_file(str(path / BUFFERS)).items():
+            module, _, attr = name.rpartition(".")
+            model.get_submodule(module).register_buffer(attr, value, persistent=False)
+    sync_shapes(model)
+    for module, values in plan["module_attrs"].items():
+        mod = model.get_submodule(module) if module else model
+        for attr, value in values.items():
+            if attr == "config":
+                mod.config = copy.copy(mod.config)
+                for key, v in value.items():
+                    setattr(mod.config, key, v)
+            else:
+                setattr(mod, attr, value)
+    config = getattr(model, "config", None)
+    if config is not None and plan.get("config"):
+        for key, value in plan["config"].items():
+            if not isinstance(value, dict):
+                setattr(config, key, value)
+    tokenizer = source.tokenizer
+    return Loaded(model.eval(), tokenizer, source.example_inputs)
 
 
-def main_output(out) -> torch.Tensor:
-    """HF `logits`, else the tensor or the first element a model returned."""
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    return out
+def _buffers(model) -> set[str]:
+    return {n for n, _ in model.named_buffers()}

@@ -2,7 +2,7 @@
 
 Every output directory holds `model.safetensors`, `buffers.safetensors` (non-persistent buffers) and
 `resize_plan.json`: the plan names the source model spec and every parameter's new shape, so `load(dir)` replays
-it on a fresh copy of the source. When the model class, rebuilt from the new config, holds exactly the
+it on a fresh copy of the source (`load.load_compressed`). When the model class, rebuilt from the new config, holds exactly the
 compressed model, the directory is also a Hugging Face checkpoint (`from_pretrained` loads it directly).
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
 from .cache import atomic_dir
 from .errors import DotResizeError
-from .load import model_outputs
-from .rewrite import (HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, MODULE_CONFIG_KEYS, SKIP_ADAPTER, add_skip_adapter,
-                      sync_shapes)
+from .families import COUNT_ATTRS, MODULE_CONFIG_KEYS
+from .outputs import model_outputs
+from .residual import SKIP_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ PLAN_FILE = "resize_plan.json"
 WEIGHTS = "model.safetensors"
 BUFFERS = "buffers.safetensors"  # non-persistent buffers: not in a state dict, but part of the function
 FORMAT = 1
-_COUNT_ATTRS = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ("num_key_value_groups", "split_size")
 
 
 def check_output_dir(out: Path, source: str, overwrite: bool) -> None:
@@ -101,7 +100,7 @@ def _plan(model, source: str, stock: bool) -> dict:
     config = getattr(model, "config", None)
     attrs = {}
     for name, mod in model.named_modules():
-        found = {a: getattr(mod, a) for a in _COUNT_ATTRS if isinstance(getattr(mod, a, None), int)}
+        found = {a: getattr(mod, a) for a in COUNT_ATTRS if isinstance(getattr(mod, a, None), int)}
         own = getattr(mod, "config", None)
         if name and own is not None and own is not config:  # per-layer head counts read from a config copy
             found["config"] = {k: getattr(own, k) for k in MODULE_CONFIG_KEYS if hasattr(own, k)}
@@ -122,68 +121,6 @@ def _tied(model) -> list[list[str]]:
     return [v for v in by_id.values() if len(v) > 1]
 
 
-def load_compressed(path: str | Path):
-    """Replay a resize plan on a fresh copy of its source model, then load the saved weights."""
-    from .load import Loaded, load
-    path = Path(path)
-    try:
-        plan = json.loads((path / PLAN_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise DotResizeError(f"{path / PLAN_FILE} is unreadable ({e}): the directory is not a complete "
-                             "dotresize_fx output; compress again") from e
-    if plan.get("format") != FORMAT:
-        raise DotResizeError(f"{path / PLAN_FILE} has format {plan.get('format')}, this version reads {FORMAT}")
-    source = load(plan["source"])
-    model = source.model
-    tied = {n: group for group in plan["tied"] for n in group}
-    made = {}
-    for name in plan.get("skip_adapters", []):
-        mod = model.get_submodule(name)
-        add_skip_adapter(mod, torch.empty(plan["shapes"][f"{name}.{SKIP_ADAPTER}"]))
-    for name, shape in plan["shapes"].items():
-        module, _, attr = name.rpartition(".")
-        key = tied.get(name, [name])[0]
-        if key not in made:
-            made[key] = torch.nn.Parameter(torch.empty(shape), requires_grad=False)
-        setattr(model.get_submodule(module), attr, made[key])
-    weights = path / plan["weights"]
-    if not weights.is_file():
-        raise DotResizeError(f"{weights} is missing: the directory is incomplete; compress again")
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except Exception as e:
-        raise DotResizeError(f"{weights} is corrupt or does not match its plan ({e}); compress again") from e
-    aliases = {n for g in plan["tied"] for n in g[1:]}
-    if unexpected or set(missing) - aliases - _buffers(model):
-        raise DotResizeError(f"{weights} does not match its plan: missing {sorted(set(missing) - aliases)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-    if (path / BUFFERS).is_file():
-        for name, value in load_file(str(path / BUFFERS)).items():
-            module, _, attr = name.rpartition(".")
-            model.get_submodule(module).register_buffer(attr, value, persistent=False)
-    sync_shapes(model)
-    for module, values in plan["module_attrs"].items():
-        mod = model.get_submodule(module) if module else model
-        for attr, value in values.items():
-            if attr == "config":
-                mod.config = copy.copy(mod.config)
-                for key, v in value.items():
-                    setattr(mod.config, key, v)
-            else:
-                setattr(mod, attr, value)
-    config = getattr(model, "config", None)
-    if config is not None and plan.get("config"):
-        for key, value in plan["config"].items():
-            if not isinstance(value, dict):
-                setattr(config, key, value)
-    tokenizer = source.tokenizer
-    return Loaded(model.eval(), tokenizer, source.example_inputs)
-
-
 def _nonpersistent_buffers(model) -> dict[str, torch.Tensor]:
     persistent = set(model.state_dict())
     return {n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n not in persistent}
-
-
-def _buffers(model) -> set[str]:
-    return {n for n, _ in model.named_buffers()}

@@ -1,26 +1,41 @@
-"""Passes built on the toolkit. `build_pass` turns a PassSpec (`prune:mlp=0.2`) into a configured pass."""
+"""Passes built on the toolkit, by name. `build_pass` turns a PassSpec (`prune:mlp=0.2`) into a configured pass;
+the CLI's choices and the README's list come from these registries."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.pipeline import Targets
+from dotresize_fx.options import build_config
+from dotresize_fx.targets import Targets
 
-_TARGET_KEYS = ("mlp", "heads", "residual", "round_to", "residual_maps")
+from .dotresize import DotResizePass
+from .pca import PCAPass
+from .prune import PrunePass
+from .quantize import QuantizeConfig
+
+WIDTH_PASSES = {p.name: p for p in (PrunePass, DotResizePass, PCAPass)}
+EXPORT_PASSES = {"quantize": QuantizeConfig}      # run on the exported ONNX file
+_TARGET_KEYS = {f.name for f in fields(Targets)}
 
 
-def build_pass(spec, analysis, calibration, probe, batches=None, progress=None):
-    opts = dict(spec.options)
-    targets = Targets(**{k: opts.pop(k) for k in _TARGET_KEYS if k in opts})
-    try:
-        if spec.method == "prune":
-            from .prune import PruneConfig, PrunePass
-            return PrunePass(PruneConfig(targets=targets, **opts), analysis, calibration, probe, batches, progress)
-        if spec.method == "dotresize":
-            from .dotresize import DotResizeConfig, DotResizePass
-            return DotResizePass(DotResizeConfig(targets=targets, **opts), analysis, calibration, probe, batches,
-                                 progress)
-        if spec.method == "pca":
-            from .pca import PCAConfig, PCAPass
-            return PCAPass(PCAConfig(targets=targets, **opts), analysis, calibration, probe, batches, progress)
-    except TypeError as e:
-        raise DotResizeError(f"pass {spec.method}: bad option ({e}); see 'dotresize-fx compress --help'") from e
-    raise DotResizeError(f"unknown pass {spec.method!r}: use prune, dotresize or pca")
+def width_config(spec):
+    """The checked config of a width pass spec (unknown pass, option or value: DotResizeError with the choices)."""
+    cls = WIDTH_PASSES.get(spec.method)
+    if cls is None:
+        raise DotResizeError(f"unknown pass {spec.method!r}: use one of {', '.join([*WIDTH_PASSES, *EXPORT_PASSES])}")
+    where = f"pass {spec.method}"
+    targets = build_config(Targets, {k: v for k, v in spec.options.items() if k in _TARGET_KEYS}, where)
+    return build_config(cls.Config, {k: v for k, v in spec.options.items() if k not in _TARGET_KEYS}, where,
+                        targets=targets)
+
+
+def export_config(spec):
+    cls = EXPORT_PASSES.get(spec.method)
+    if cls is None:
+        raise DotResizeError(f"unknown export pass {spec.method!r}: use one of {', '.join(EXPORT_PASSES)}")
+    return build_config(cls, spec.options, f"pass {spec.method}")
+
+
+def build_pass(spec, analysis, probe, batches, progress=None, layerwise: bool = True):
+    config = width_config(spec)
+    return WIDTH_PASSES[spec.method](config, analysis, probe, batches, progress, layerwise)

@@ -3,6 +3,7 @@
 Per group: pick m targets (top-m by importance: the prune pass's choice), build the cost from
 the observation-point Gram, solve the transport plan, turn it into a merge map M and an unmerge map U, and let
 the rewrite apply them by group kind (linear path, MLP hidden, residual via QR, heads with their targets' Q/K).
+The default plan (`marginals=semi`) is semi-relaxed: only the source marginal is fixed (`ot.semi_plan`).
 """
 from __future__ import annotations
 
@@ -11,61 +12,61 @@ from typing import Literal
 
 import torch
 
-from dotresize_fx.analyze import WidthGroup
+from dotresize_fx import fit
 from dotresize_fx.calibrate import Stats
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.pipeline import Targets, WidthPass, keep_heads, ls_unmerge, unit_scores
-from dotresize_fx.rewrite import WidthMap, selection_matrix
+from dotresize_fx.groups import WidthGroup
+from dotresize_fx.maps import WidthMap, selection_matrix
+from dotresize_fx.pipeline import WidthPass
+from dotresize_fx.targets import Targets
 
 from . import ot as dot
-from .prune import importance, select
+from .prune import Importance, keep_units
+
+Marginals = Literal[(*dot.MARGINALS, "semi")]
 
 
 @dataclass(frozen=True)
 class DotResizeConfig:
     targets: Targets = field(default_factory=Targets)
     cost: dot.Cost = "l2"
-    marginals: dot.Marginals = "semi"
-    solver: Literal["sinkhorn", "emd"] = "sinkhorn"
+    marginals: Marginals = "semi"      # semi: energy source marginal, semi-relaxed plan (ot.semi_plan)
+    solver: dot.Solver = "sinkhorn"
     reg: float = 0.01                  # measured on SmolLM2 MLP 1536→1152: 0.01 → 44.7, 0.05 → 47.3 (seq 256)
     mass: float = 1.0                  # semi: share of a merged neuron's mass that is transported (0 = prune)
     unmerge: dot.Unmerge = "ls"
     refine: bool = True                # ls on an MLP: fit the consumer to the merged producers' real outputs
     pure_producers: bool = False       # True: producers keep their target rows; only consumers take the merge
-    importance: str = "act_weight"     # how targets are chosen when no prune pass chose them (prune.select)
+    importance: Importance = "act_weight"   # how targets are chosen when no prune pass chose them
     ls_reg: float = 1e-4
-    ls_target: Literal["current", "dense"] = "current"   # what layerwise `ls` fits (see WidthPass.refine)
+    ls_target: Literal["current", "dense"] = "current"   # what a refit fits (see dotresize_fx.refit)
 
     def __post_init__(self):
         if not 0.0 <= self.mass <= 1.0:
             raise DotResizeError(f"dotresize mass={self.mass}: the transported share must be in [0, 1]")
         if self.mass != 1.0 and self.marginals != "semi":
             raise DotResizeError("dotresize mass applies to marginals=semi only")
+        if self.reg <= 0:
+            raise DotResizeError(f"dotresize reg={self.reg}: the entropic regularisation must be > 0 (e.g. 0.01)")
 
 
 class DotResizePass(WidthPass):
     name = "dotresize"
-
-    def __init__(self, config: DotResizeConfig, analysis, calibration, probe, batches=None, progress=None):
-        super().__init__(analysis, calibration, probe, batches, progress)
-        self.config, self.targets, self.ls_reg, self.ls_target = (config, config.targets, config.ls_reg,
-                                                                       config.ls_target)
+    Config = DotResizeConfig
 
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
-        scores = unit_scores(importance(model, g, stats, self.config.importance), g.unit)
-        if g.kind == "heads" and g.kv_heads != g.size:
-            q_keep, kv_keep = keep_heads(g, scores, m, kv_after)
-            w = self._merge(stats, q_keep, g)
-            if kv_after < g.kv_heads:  # whole GQA groups: kv heads follow their q heads' plan, block by block
-                rep = g.size // g.kv_heads
-                Mkv = w.merge.view(g.kv_heads, rep, -1, rep).sum((1, 3)) / rep
-                w.kv_merge, w.kv_keep = Mkv / Mkv.sum(0, keepdim=True), kv_keep
-                w.kv_unmerge = torch.linalg.pinv(w.kv_merge)
-            else:
-                K = torch.eye(g.kv_heads, dtype=torch.float64)
-                w.kv_merge, w.kv_unmerge, w.kv_keep = K, K, torch.arange(g.kv_heads)
+        keep, kv_keep = keep_units(model, g, stats, self.config.importance, m, kv_after)
+        w = self._merge(stats, keep, g)
+        if kv_keep is None:
             return w
-        return self._merge(stats, select(model, g, stats, self.config.importance, m), g)
+        if kv_after < g.kv_heads:  # whole GQA groups: kv heads follow their q heads' plan, block by block
+            rep = g.size // g.kv_heads
+            Mkv = w.merge.view(g.kv_heads, rep, -1, rep).sum((1, 3)) / rep
+            w.kv_merge = Mkv / Mkv.sum(0, keepdim=True)
+        else:
+            w.kv_merge = torch.eye(g.kv_heads, dtype=torch.float64)
+        w.kv_keep = kv_keep
+        return w
 
     def _merge(self, stats: Stats, targets, g: WidthGroup) -> WidthMap:
         c = self.config
@@ -81,14 +82,14 @@ class DotResizePass(WidthPass):
         w = WidthMap(g.name, M, U, keep=targets)
         if c.pure_producers and g.kind != "residual":
             w.merge = selection_matrix(g.size, targets)
-        if c.unmerge == "ls" and not self.refines(g):  # refined groups fit U on real activations instead
+        if c.unmerge == "ls" and not self.refits(g):  # refitted groups fit U on real activations instead
             hold = None if stats.holdout is None else _unit_gram(stats.holdout, g.unit)
-            w.unmerge, lam = ls_unmerge(w.merge, gram, c.ls_reg, prior=U, holdout=hold)
+            w.unmerge, lam = fit.ls_unmerge(w.merge, gram, c.ls_reg, prior=U, holdout=hold)
             self.record_ls(g, lam)
         return w
 
-    def refines(self, g: WidthGroup) -> bool:
-        """`ls` on MLP and heads: consumers fitted to the merged producers' real outputs (pipeline.refine_unmerge).
+    def refits(self, g: WidthGroup) -> bool:
+        """`ls` on MLP and heads: consumers fitted to the merged producers' real outputs (dotresize_fx.refit).
         Pure producers output their targets' own activations, whose Gram the pass already has: only a dense
         target is new information (as for prune)."""
         return (g.kind in ("mlp", "heads") and self.config.unmerge == "ls" and self.config.refine

@@ -12,39 +12,56 @@ import torch
 
 from dotresize_fx.errors import DotResizeError
 
-Cost = Literal["l2", "cosine"]
-Marginals = Literal["uniform", "energy", "semi"]
+Solver = Literal["sinkhorn", "emd"]
 Unmerge = Literal["ot", "pinv", "ls"]
-MARGINAL_TOL = 1e-6
 
 
-def cost_matrix(gram: torch.Tensor, count: int, targets: torch.Tensor, kind: Cost = "l2") -> torch.Tensor:
-    """C ∈ R^{n×m}: C_ij = (G_ii + G_tt − 2 G_it)/N (l2) or 1 − G_it/sqrt(G_ii G_tt) (cosine), t = targets[j],
-    divided by its median so that one regularisation means the same at every layer."""
+def _l2(gram, count, targets):
+    """C_ij = (G_ii + G_tt − 2 G_it)/N: the mean squared distance between neuron i and target t = targets[j]."""
     d = gram.diagonal()
-    cross = gram[:, targets]
-    if kind == "l2":
-        C = (d[:, None] + d[targets][None, :] - 2 * cross) / max(count, 1)
-    else:
-        C = 1 - cross / (d[:, None] * d[targets][None, :]).clamp_min(1e-30).sqrt()
-    C = C.clamp_min(0)
+    return (d[:, None] + d[targets][None, :] - 2 * gram[:, targets]) / max(count, 1)
+
+
+def _cosine(gram, count, targets):
+    """C_ij = 1 − G_it / sqrt(G_ii G_tt): scale-free."""
+    d = gram.diagonal()
+    return 1 - gram[:, targets] / (d[:, None] * d[targets][None, :]).clamp_min(1e-30).sqrt()
+
+
+COSTS = {"l2": _l2, "cosine": _cosine}
+Cost = Literal[tuple(COSTS)]
+
+
+def cost_matrix(gram: torch.Tensor, count: int, targets: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """C ∈ R^{n×m} by `kind` (COSTS), divided by its median so that one regularisation means the same at every
+    layer."""
+    C = COSTS[kind](gram, count, targets).clamp_min(0)
     med = C[C > 0].median() if (C > 0).any() else torch.tensor(1.0, dtype=C.dtype)
     return C / med
 
 
-def marginals(gram: torch.Tensor, targets: torch.Tensor, kind: Marginals) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source mass a (n) and target mass b (m), each summing to 1."""
+def _uniform(gram, targets):
     n, m = gram.shape[0], len(targets)
-    if kind == "energy":
-        a = gram.diagonal().clamp_min(1e-30)
-        a = a / a.sum()
-        b = a[targets] / a[targets].sum()
-        return a, b
     return torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), 1.0 / m, dtype=torch.float64)
 
 
+def _energy(gram, targets):
+    """a_i ∝ G_ii (each neuron's share of the activation energy); b the targets' shares, renormalised."""
+    a = gram.diagonal().clamp_min(1e-30)
+    a = a / a.sum()
+    return a, a[targets] / a[targets].sum()
+
+
+MARGINALS = {"uniform": _uniform, "energy": _energy}
+
+
+def marginals(gram: torch.Tensor, targets: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source mass a (n) and target mass b (m), each summing to 1 (`kind` in MARGINALS)."""
+    return MARGINALS[kind](gram, targets)
+
+
 def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg: float = 0.05,
-                   solver: Literal["sinkhorn", "emd"] = "sinkhorn", max_iter: int = 2000) -> torch.Tensor:
+                   solver: str = "sinkhorn", max_iter: int = 2000) -> torch.Tensor:
     """T = argmin ⟨T, C⟩ − ε·H(T) s.t. T1 = a, Tᵀ1 = b (Sinkhorn, log domain) or the exact plan (ot.emd).
 
     Raises if the plan misses its marginals: a degenerate plan is never returned silently.
@@ -65,9 +82,11 @@ def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg:
 
 def semi_plan(cost: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, *, reg: float,
               mass: float = 1.0) -> torch.Tensor:
-    """Kept neurons keep their own mass; every other neuron sends `mass` × its mass softly to its nearest
-    targets (mass 0: pruning, 1: full merging)."""
-    n, m = cost.shape
+    """Semi-relaxed entropic transport: only the source marginal is fixed, which has the closed form of a
+    row softmax, T_ij = μ·a_i·softmax_j(−C_ij/ε) = argmin ⟨T, C⟩ − ε·H(T) s.t. T1 = μ·a (no constraint on Tᵀ1).
+    Kept neurons (targets) send their own mass a_t to themselves; every other neuron sends μ = `mass` × its mass
+    (mass 0: pruning, 1: full merging). This is not the paper's balanced problem (`transport_plan`)."""
+    m = cost.shape[1]
     T = torch.softmax(-cost / reg, dim=1) * (mass * a[:, None])
     T[targets] = 0
     T[targets, torch.arange(m)] = a[targets]

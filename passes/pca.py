@@ -10,26 +10,27 @@ from dataclasses import dataclass, field
 import torch
 
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.pipeline import Targets, WidthPass
-from dotresize_fx.rewrite import WidthMap
+from dotresize_fx.maps import WidthMap
+from dotresize_fx.pipeline import WidthPass
+from dotresize_fx.targets import Targets
 
 
 @dataclass(frozen=True)
 class PCAConfig:
     targets: Targets = field(default_factory=Targets)
 
+    def __post_init__(self):
+        other = sorted(set(self.targets.asked()) - {"residual"})
+        if other:
+            raise DotResizeError(f"pca reduces the residual stream only; {', '.join(other)} given: use prune or "
+                                 "dotresize for those")
+
 
 class PCAPass(WidthPass):
     name = "pca"
-
-    def __init__(self, config: PCAConfig, analysis, calibration, probe, batches=None, progress=None):
-        super().__init__(analysis, calibration, probe, batches, progress)
-        self.config, self.targets = config, config.targets
+    Config = PCAConfig
 
     def group_map(self, model, g, m, kv_after, stats) -> WidthMap:
-        if g.kind != "residual":
-            raise DotResizeError(f"pca reduces the residual stream only; {g.name} is {g.kind}: use prune or "
-                                 "dotresize for it")
         eigvals, eigvecs = torch.linalg.eigh(stats.gram)
         Q = eigvecs[:, eigvals.argsort(descending=True)[:m]].contiguous()
         return WidthMap(g.name, Q, Q.T.contiguous())

@@ -78,7 +78,7 @@ def test_input_model_is_not_modified(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mlp", "1.5"], "must be in [0, 1)"),
+    (["--mlp", "1.5"], "must be in (0, 1)"),
     (["--residual", "0.2", "--model-spec", "bert"], "not resizable"),
 ])
 def test_bad_fractions_and_groups(args, message, tmp_path, capsys):
@@ -99,7 +99,8 @@ def test_existing_output_is_refused(tmp_path, capsys):
 def test_per_layer_widths_save_our_format_and_replay(tmp_path):
     """Different MLP widths per block: not a stock config, so safetensors + plan, replayed exactly."""
     from dotresize_fx.analyze import analyze
-    from dotresize_fx.rewrite import WidthMap, apply
+    from dotresize_fx.maps import WidthMap
+    from dotresize_fx.rewrite import apply
     from dotresize_fx.save import save
     model, inputs = models.llama()
     a = analyze(model, inputs)
@@ -135,7 +136,8 @@ def test_layernorm_residual_merges_and_replays_from_plan(arch, passes, tmp_path)
 def test_layernorm_merge_keeps_the_function_on_the_kept_subspace():
     """A merge whose span holds the whole (centred) stream loses nothing: only the 1-direction is spent."""
     from dotresize_fx.analyze import analyze
-    from dotresize_fx.rewrite import WidthMap, apply
+    from dotresize_fx.maps import WidthMap
+    from dotresize_fx.rewrite import apply
     model, inputs = models.gpt2()
     a = analyze(model, inputs)
     g = a.by_kind("residual")[0]
@@ -206,7 +208,7 @@ def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, 
 
 
 def test_per_layer_maps_are_a_choice_that_is_checked(tmp_path):
-    with pytest.raises(DotResizeError, match="global or per_layer"):
+    with pytest.raises(DotResizeError, match="residual_maps='blocky' is not a choice: use one of global, per_layer"):
         run(_job("llama", "pca:residual=0.25,residual_maps=blocky", tmp_path))
 
 

@@ -6,9 +6,9 @@ import models
 from dotresize_fx.analyze import analyze
 from dotresize_fx.errors import DotResizeError
 from dotresize_fx.calibrate import holdout_rows
-from dotresize_fx.pipeline import Targets, ls_unmerge, plan_widths
+from dotresize_fx.fit import ls_unmerge, pivoted_cholesky
+from dotresize_fx.targets import Targets, plan_widths
 from passes import ot as dot
-from passes.prune import pivoted_cholesky
 
 
 def _gram(n=12, N=400, seed=0):
@@ -119,5 +119,7 @@ def test_widths_are_rounded_and_gqa_divisible():
 
 
 def test_fraction_out_of_range():
-    with pytest.raises(DotResizeError, match=r"\[0, 1\)"):
+    with pytest.raises(DotResizeError, match=r"\(0, 1\)"):
         Targets(mlp=1.0)
+    with pytest.raises(DotResizeError, match=r"\(0, 1\)"):
+        Targets(heads=0.0)

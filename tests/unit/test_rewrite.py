@@ -4,7 +4,12 @@ import torch
 
 import models
 from dotresize_fx.analyze import analyze
-from dotresize_fx.rewrite import VERIFY_TOL, WidthMap, apply, invariance_checks
+from dotresize_fx.maps import WidthMap
+from dotresize_fx.rewrite import apply
+from dotresize_fx.verify import VERIFY_TOL, invariance_checks
+
+
+FLOAT64_THROUGHOUT = {"gpt2", "bert", "nanogpt", "mixer", "cnn"}   # no float32 ops in their forward
 
 
 @pytest.mark.parametrize("arch", models.ALL)
@@ -14,7 +19,10 @@ def test_invariance_checks_pass(arch):
     names = [c["name"] for c in checks]
     assert names[:2] == ["identity", "permutation"]
     for c in checks:
-        assert c["max_abs_diff"] <= VERIFY_TOL, c
+        assert c["ok"] and c["max_abs_diff"] <= VERIFY_TOL[torch.float32], c
+    # models that compute in float64 throughout are held to float64's floor
+    assert all(c["compute_dtype"] == ("torch.float64" if arch in FLOAT64_THROUGHOUT else "torch.float32")
+               for c in checks)
     if arch not in ("bert", "cnn", "mixer"):  # RMSNorm and pre-LN LayerNorm streams: the rotations are run
         assert {"rotation residual.0", "per-layer rotation residual.0"} <= set(names)
 

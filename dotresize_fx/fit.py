@@ -1,0 +1,131 @@
+"""The selection and least-squares math of the passes: plain functions over float64 tensors (DESIGN §5).
+
+Notation: a group's observation-point rows X ∈ R^{N×n}, Gram G = XᵀX, consumers W_c with column norms
+d_i = ‖W_c[:, i]‖. Importances score channels; `select` picks m units; `ridge_fit` and `ls_unmerge` fit the
+consumers of a merged or pruned group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Importance:
+    """`score(mean_sq, col_norms)` per channel; `select(gram, col_norms, m)`: a rule that picks units itself
+    (None: the top-m scores)."""
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    needs_stats: bool = True
+    select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+
+
+def pivoted_cholesky(gram: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of m columns chosen greedily to span the others best: at step k the column with the largest
+    residual variance d_i = G_ii − Σ_{j<k} L_ij², then L_{:,k} = (G_{:,i} − L·L_{i,:}ᵀ)/√d_i."""
+    n = gram.shape[0]
+    d = gram.diagonal().clone()
+    L = torch.zeros(n, m, dtype=gram.dtype)
+    chosen = []
+    for k in range(m):
+        i = int(torch.argmax(d))
+        chosen.append(i)
+        col = (gram[:, i] - L[:, :k] @ L[i, :k]) / d[i].clamp_min(1e-30).sqrt()
+        L[:, k] = col
+        d -= col ** 2
+        d[chosen] = -float("inf")
+    return torch.tensor(sorted(chosen))
+
+
+def _weighted_cholesky(gram: torch.Tensor, col_norms: torch.Tensor, m: int) -> torch.Tensor:
+    """Greedy column-subset selection on D·G·D, D = diag(d): the neurons whose consumer contributions best
+    span the others."""
+    return pivoted_cholesky(gram * col_norms[:, None] * col_norms[None, :], m)
+
+
+IMPORTANCES: dict[str, Importance] = {
+    "weight": Importance(lambda act_sq, d: d, needs_stats=False),               # ‖W_c[:, i]‖
+    "activation": Importance(lambda act_sq, d: act_sq.sqrt()),                  # sqrt(G_ii / N)
+    "act_weight": Importance(lambda act_sq, d: act_sq.sqrt() * d),              # sqrt(G_ii / N)·‖W_c[:, i]‖
+    "cholesky": Importance(lambda act_sq, d: act_sq.sqrt() * d, select=_weighted_cholesky),  # heads: act_weight
+}
+
+
+def unit_scores(channel_scores: torch.Tensor, unit: int) -> torch.Tensor:
+    """A unit's (head's) score: the norm of its channels' scores."""
+    return channel_scores.view(-1, unit).pow(2).sum(1).sqrt() if unit > 1 else channel_scores
+
+
+def scores(kind: str, mean_sq: torch.Tensor | None, col_norms: torch.Tensor, unit: int) -> torch.Tensor:
+    """Each unit's importance (`mean_sq` None: an importance that needs no statistics)."""
+    act = mean_sq if mean_sq is not None else torch.ones_like(col_norms)
+    return unit_scores(IMPORTANCES[kind].score(act, col_norms), unit)
+
+
+def select(kind: str, mean_sq: torch.Tensor | None, col_norms: torch.Tensor, gram: torch.Tensor | None,
+           unit: int, m: int) -> torch.Tensor:
+    """The m units to keep (sorted) for a group without GQA structure."""
+    imp = IMPORTANCES[kind]
+    if imp.select is not None and unit == 1:
+        return imp.select(gram, col_norms, m)
+    return scores(kind, mean_sq, col_norms, unit).topk(m).indices.sort().values
+
+
+def keep_heads(scores: torch.Tensor, kv: int, m: int, kv_after: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q heads to keep (sorted) and kv heads to keep for GQA with `kv` groups of q heads: whole groups by their
+    summed score when kv heads go, else the best m/kv q heads within every group."""
+    rep = scores.numel() // kv
+    per = scores.view(kv, rep)
+    if kv_after < kv:
+        kv_keep = per.sum(1).topk(kv_after).indices.sort().values
+        q_keep = torch.cat([k * rep + torch.arange(rep) for k in kv_keep.tolist()])
+    else:
+        kv_keep = torch.arange(kv)
+        r = m // kv
+        q_keep = torch.cat([k * rep + per[k].topk(r).indices.sort().values for k in range(kv)])
+    return q_keep, kv_keep
+
+
+LS_REGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)   # λ tried against held-out rows, after the pass's own
+
+
+def ridge_fit(A: torch.Tensor, B: torch.Tensor, reg: float, prior: torch.Tensor | None = None,
+              A_hold: torch.Tensor | None = None,
+              B_hold: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """U = argmin ‖H − H'U‖² + λ‖U − U₀‖² = (A + λI)⁻¹(B + λU₀); A = H'ᵀH', B = H'ᵀH, U₀ = `prior` (or 0).
+
+    λ is relative to the mean of diag(A). With held-out Grams (A_hold, B_hold: the held-out rows' share of A
+    and B) λ is the one among `reg` and LS_REGS whose fit on the other rows best predicts the held-out rows
+    (∞ = U₀ itself); then U is refitted on all rows. Without them λ = `reg`. A calibration set too small for
+    the width would otherwise turn the fit into noise (SmolLM2, prune+ls MLP 1536→1152 from 4×256 tokens:
+    perplexity 514 with λ = 1e-4, 50.9 picked on held-out rows; plain selection 53.4).
+    Returns U and the relative λ used.
+    """
+    U0 = torch.zeros_like(B) if prior is None else prior.to(B.dtype)
+    if A_hold is not None and A_hold.abs().sum() > 0 and (A - A_hold).abs().sum() > 0:
+        A_fit, B_fit = A - A_hold, B - B_hold
+        errors = {lam: _holdout_error(_ridge(A_fit, B_fit, lam, U0), A_hold, B_hold) for lam in (reg, *LS_REGS)}
+        reg = min(errors, key=errors.get)
+    return _ridge(A, B, reg, U0), reg
+
+
+def _ridge(A, B, reg, U0):
+    if math.isinf(reg):
+        return U0.clone()
+    lam = reg * A.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), B + lam * U0)
+
+
+def _holdout_error(U, A_hold, B_hold) -> float:
+    """‖H − H'U‖² on the held-out rows, up to the constant ‖H‖²: tr(UᵀA_hU) − 2·tr(UᵀB_h)."""
+    return float((U * (A_hold @ U)).sum() - 2 * (U * B_hold).sum())
+
+
+def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4, prior: torch.Tensor | None = None,
+               holdout: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """U ≈ (MᵀGM + λI)⁻¹ (MᵀG + λU₀): the least-squares reconstruction of X from XM (`ridge_fit` with
+    H' = XM, H = X; `holdout`: the held-out rows' share of G, to pick λ)."""
+    hold = (None, None) if holdout is None else (merge.T @ holdout @ merge, merge.T @ holdout)
+    return ridge_fit(merge.T @ gram @ merge, merge.T @ gram, reg, prior, *hold)

@@ -1,0 +1,375 @@
+"""Per-op rules of the dependency analysis (DESIGN §4): one small function per kind of ATen op.
+
+`RULES` maps an ATen op overload packet to `rule(walker, node, out)`, where `out` holds the atoms of the node's
+output dims. A rule unions the channel spaces the op ties together and records which parameter dims it reads as
+producer, consumer or passthrough. Pointwise ops (tagged by ATen) share one rule; an op with no rule pins every
+width it touches (see `Walker.rule`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .groups import Constant
+
+aten = torch.ops.aten
+
+SAME_SHAPE = {aten.clone, aten.contiguous, aten._to_copy, aten.to, aten.alias, aten.detach, aten.dropout,
+              aten.native_dropout, aten.feature_dropout, aten.lift_fresh_copy, aten.type_as}
+RESHAPE = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_copy,
+           aten.squeeze, aten.unsqueeze}
+REDUCE = {aten.mean, aten.sum, aten.var, aten.std, aten.amax, aten.amin, aten.var_mean, aten.norm}
+ADDITIVE = {aten.add, aten.add_, aten.sub, aten.sub_, aten.neg, aten.rsub}
+SCALING = {aten.mul, aten.mul_, aten.div, aten.div_}
+# ops that make new tensors or read shapes: they touch no existing width
+IGNORE = {aten.sym_size, aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
+          aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.scalar_tensor, aten.new_ones,
+          aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros_like, aten.ones_like, aten.full_like,
+          aten.empty_like, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
+
+RULES: dict = {}
+
+
+def rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def packet(target):
+    return getattr(target, "overloadpacket", target)
+
+
+def val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _varies(node, i: int, ndim: int) -> bool:
+    """Whether `node`, broadcast to `ndim` dims, takes different values along dim `i`."""
+    shape = val(node).shape
+    j = i - (ndim - len(shape))
+    return j >= 0 and shape[j] != 1
+
+
+def pointwise(w, n, out) -> None:
+    operands = [a for a in n.all_input_nodes if isinstance(val(a), torch.Tensor)]
+    w.broadcast(out, operands)
+    for o in operands:
+        for d in range(len(w.dims(o))):
+            w.use(o, d, "passthrough", n, "pointwise")
+    op = packet(n.target)
+    if op in ADDITIVE:
+        return
+    for i, atom in enumerate(out):
+        varying = [o for o in operands if _varies(o, i, len(out))]
+        # x·s and x/s with s constant along this dim commute with any linear map of it; nothing else does
+        if varying and not (op in SCALING and varying == [n.args[0]]):
+            w.channelwise.append((atom, op.__name__, w.module(n)))
+
+
+@rule(*SAME_SHAPE)
+def same_shape(w, n, out) -> None:
+    src = n.args[0]
+    w.join_all(w.dims(src), out)
+    if src.name in w.origin:
+        w.origin[n.name] = w.origin[src.name]
+
+
+@rule(aten.t, aten.transpose, aten.permute)
+def permute(w, n, out) -> None:
+    src = n.args[0]
+    sd = w.dims(src)
+    op, nd = packet(n.target), len(sd)
+    if op is aten.t:
+        order = list(range(nd))[::-1]
+    elif op is aten.transpose:
+        order = list(range(nd))
+        i, j = n.args[1] % nd, n.args[2] % nd
+        order[i], order[j] = order[j], order[i]
+    else:
+        order = [d % nd for d in n.args[1]]
+    for i, d in enumerate(order):
+        w.s.join(out[i], sd[d])
+    if src.name in w.origin:
+        fqn, pd = w.origin[src.name]
+        w.origin[n.name] = (fqn, [pd[d] for d in order])
+
+
+@rule(*RESHAPE)
+def reshape(w, n, out) -> None:
+    src = n.args[0]
+    sd = w.dims(src)
+    in_shape, out_shape = val(src).shape, val(n).shape
+    groups = align_shapes(list(in_shape), list(out_shape))
+    if groups is None:
+        reason = f"reshape {tuple(in_shape)} -> {tuple(out_shape)} mixes widths (module {w.module(n)})"
+        w.pin_node(src, reason)
+        w.pin_node(n, reason)
+        return
+    for ins, outs in groups:
+        ins = [sd[i] for i in ins if w.s.static(sd[i])]
+        outs = [out[j] for j in outs if w.s.static(out[j])]
+        if len(ins) == 1 and len(outs) == 1:
+            w.s.join(ins[0], outs[0])
+        elif len(ins) == 1 and outs:
+            w.s.factor(ins[0], outs)
+        elif len(outs) == 1 and ins:
+            w.s.factor(outs[0], ins)
+        elif ins or outs:
+            reason = f"reshape regroups several widths at once (module {w.module(n)})"
+            for a in ins + outs:
+                w.s.pin(a, reason)
+    _record_constants(w, n, out)
+
+
+def _record_constants(w, n, out) -> None:
+    if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)):
+        for i, v in enumerate(n.args[1]):
+            if isinstance(v, int) and v > 1 and i < len(out) and w.s.size[out[i]] == v:
+                w.constants.append((out[i], Constant(n.name, 1, i, v, 1)))
+
+
+@rule(aten.expand)
+def expand(w, n, out) -> None:
+    sd = w.dims(n.args[0])
+    for i in range(1, len(sd) + 1):
+        w.s.join(sd[-i], out[-i])
+    _record_constants(w, n, out)
+
+
+@rule(aten.linear)
+def linear(w, n, out) -> None:
+    x, wt = n.args[0], n.args[1]
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    xd, wd = w.dims(x), w.dims(wt)
+    w.s.join(xd[-1], wd[1])
+    w.s.join(out[-1], wd[0])
+    w.join_all(xd[:-1], out[:-1])
+    w.use(wt, 1, "consumer", n, "linear")
+    w.use(wt, 0, "producer", n, "linear")
+    if isinstance(b, torch.fx.Node):
+        w.s.join(w.dims(b)[0], out[-1])
+        w.use(b, 0, "producer", n, "linear")
+
+
+@rule(aten.mm, aten.bmm, aten.matmul)
+def matmul(w, n, out, a=None, b=None) -> None:
+    a = a if a is not None else n.args[0]
+    b = b if b is not None else n.args[1]
+    ad, bd = w.dims(a), w.dims(b)
+    if len(ad) < 2 or len(bd) < 2:
+        w.pin_node(n, f"matmul with a vector operand (module {w.module(n)})")
+        return
+    w.s.join(ad[-1], bd[-2])
+    w.s.join(out[-2], ad[-2])
+    w.s.join(out[-1], bd[-1])
+    for i in range(3, len(out) + 1):
+        for od in (ad, bd):
+            if len(od) >= i:
+                w.s.join(od[-i], out[-i])
+    for opnd, contracted, free in ((a, -1, -2), (b, -2, -1)):
+        w.use(opnd, contracted, "consumer", n, "linear")
+        w.use(opnd, free, "producer", n, "linear")
+    if a.name not in w.origin and b.name not in w.origin and len(out) >= 3:
+        # activation × activation with batch dims: attention; its static batch dims are heads
+        w.heads.append((out[-3], ad[-1]))
+
+
+@rule(aten.addmm)
+def addmm(w, n, out) -> None:
+    matmul(w, n, out, n.args[1], n.args[2])
+    bias = n.args[0]
+    bd = w.dims(bias)
+    if bd:
+        w.s.join(bd[-1], out[-1])
+        w.use(bias, len(bd) - 1, "producer", n, "linear")
+
+
+@rule(aten.embedding)
+def embedding(w, n, out) -> None:
+    wt, idx = n.args[0], n.args[1]
+    wd = w.dims(wt)
+    w.s.join(out[-1], wd[1])
+    w.join_all(w.dims(idx), out[:-1])
+    w.use(wt, 1, "producer", n, "embedding")
+    w.use(wt, 0, "index", n, "embedding")
+    w.s.pin(wd[0], "indexed by token ids (a vocabulary or position table)")
+
+
+@rule(aten.conv1d, aten.conv2d, aten.convolution)
+def conv(w, n, out) -> None:
+    x, wt = n.args[0], n.args[1]
+    b = n.args[2] if len(n.args) > 2 else None
+    groups = n.args[6] if len(n.args) > 6 else (n.args[8] if len(n.args) > 8 else 1)
+    xd, wd = w.dims(x), w.dims(wt)
+    w.s.join(out[0], xd[0])
+    if groups == 1:
+        w.s.join(xd[1], wd[1])
+        w.s.join(out[1], wd[0])
+        w.use(wt, 1, "consumer", n, "conv")
+        w.use(wt, 0, "producer", n, "conv")
+    else:
+        reason = f"grouped convolution (groups={groups}, module {w.module(n)})"
+        for a in (xd[1], out[1], wd[0]):
+            w.s.pin(a, reason)
+    if isinstance(b, torch.fx.Node):
+        w.s.join(w.dims(b)[0], out[1])
+        w.use(b, 0, "producer", n, "conv")
+
+
+@rule(aten.layer_norm, aten.rms_norm)
+def layer_norm(w, n, out) -> None:
+    x = n.args[0]
+    w.join_all(w.dims(x), out)
+    centring = packet(n.target) is aten.layer_norm
+    params = [a for a in n.args[2:4 if centring else 3] if isinstance(a, torch.fx.Node)]
+    for p in params:
+        w.s.join(w.dims(p)[-1], out[-1])
+        w.use(p, len(w.dims(p)) - 1, "passthrough", n, "norm")
+    w.reductions.append((out[-1], packet(n.target).__name__, w.module(n)))
+    w.norm_outputs.append((out[-1], n, w.module(n)))
+    if centring:
+        w.centring.add(w.module(n))
+
+
+@rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional)
+def batch_norm(w, n, out) -> None:
+    xd = w.dims(n.args[0])
+    first = out if out else w.tuple_dims(n)[0]
+    w.join_all(xd, first)
+    for p in n.args[1:5]:
+        if isinstance(p, torch.fx.Node):
+            w.s.join(w.dims(p)[0], xd[1])
+            w.use(p, 0, "passthrough", n, "norm")
+
+
+@rule(*REDUCE)
+def reduce(w, n, out) -> None:
+    xd = w.dims(n.args[0])
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None:
+        dims = list(range(len(xd)))
+    dims = {d % len(xd) for d in ([dims] if isinstance(dims, int) else dims)}
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if keep:
+        for i, a in enumerate(xd):
+            if i not in dims:
+                w.s.join(a, out[i])
+    else:
+        w.join_all([a for i, a in enumerate(xd) if i not in dims], out)
+    for d in dims:
+        w.reductions.append((xd[d], packet(n.target).__name__, w.module(n)))
+
+
+@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def softmax(w, n, out) -> None:
+    xd = w.dims(n.args[0])
+    w.join_all(xd, out)
+    w.reductions.append((xd[n.args[1] % len(xd)], packet(n.target).__name__, w.module(n)))
+
+
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split)
+def split(w, n, out_unused) -> None:
+    xd = w.dims(n.args[0])
+    dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % len(xd)
+    outs = w.tuple_dims(n)
+    offset = 0
+    for o in outs:
+        for i, a in enumerate(o):
+            if i != dim:
+                w.s.join(a, xd[i])
+        length = w.s.size[o[dim]]
+        if w.s.static(xd[dim]) and length:
+            w.s.add_segment(xd[dim], offset, length, o[dim])
+            offset += length
+
+
+@rule(aten.slice)
+def slice_(w, n, out) -> None:
+    xd = w.dims(n.args[0])
+    dim = (n.args[1] if len(n.args) > 1 else 0) % len(xd)
+    for i, a in enumerate(xd):
+        if i != dim:
+            w.s.join(a, out[i])
+    if not w.s.static(xd[dim]):
+        return
+    size = w.s.size_of(xd[dim])
+    start = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
+    end = n.args[3] if len(n.args) > 3 and n.args[3] is not None else size
+    step = n.args[4] if len(n.args) > 4 else 1
+    if not isinstance(start, int) or not isinstance(end, int):
+        w.s.pin(xd[dim], f"slice with a symbolic bound (module {w.module(n)})")
+        return
+    start, end = max(0, start if start >= 0 else size + start), min(size, end if end >= 0 else size + end)
+    if (start, end, step) == (0, size, 1):
+        w.s.join(xd[dim], out[dim])
+    elif step == 1:
+        w.s.add_segment(xd[dim], start, end - start, out[dim])
+    else:
+        w.s.pin(xd[dim], f"strided slice (module {w.module(n)})")
+
+
+@rule(aten.cat)
+def cat(w, n, out) -> None:
+    parts = n.args[0]
+    dim = (n.args[1] if len(n.args) > 1 else 0) % len(out)
+    for p in parts:
+        for i, a in enumerate(w.dims(p)):
+            if i != dim:
+                w.s.join(a, out[i])
+    reason = f"concatenated along this width (aten.cat in {w.module(n) or '<root>'}, e.g. rotary halves)"
+    w.s.pin(out[dim], reason)
+    for p in parts:
+        w.s.pin(w.dims(p)[dim], reason)
+
+
+@rule(aten.scaled_dot_product_attention)
+def sdpa(w, n, out) -> None:
+    q, k, v = n.args[:3]
+    qd, kd, vd = w.dims(q), w.dims(k), w.dims(v)
+    w.s.join(qd[-1], kd[-1])
+    w.s.join(out[-1], vd[-1])
+    w.s.join(out[-3], qd[-3])
+    w.s.join(kd[-3], vd[-3])
+    sq, sk = w.s.size_of(qd[-3]), w.s.size_of(kd[-3])
+    if sq == sk:
+        w.s.join(qd[-3], kd[-3])
+    elif sq and sk and sq % sk == 0:
+        w.s.factor(qd[-3], [kd[-3], w.s.new(sq // sk)])
+    w.heads.append((qd[-3], qd[-1]))
+    for i in range(4, len(out) + 1):
+        for d in (qd, kd, vd):
+            w.s.join(d[-i], out[-i])
+
+
+def align_shapes(a: list, b: list) -> list[tuple[list[int], list[int]]] | None:
+    """Group dims of a reshape: [(in dims, out dims)] with equal products; size-1 dims are left out."""
+    def value(x):
+        return x if isinstance(x, int) else x.node.hint if x.node.hint is not None else None
+    ia = [i for i, x in enumerate(a) if value(x) != 1]
+    ib = [j for j, x in enumerate(b) if value(x) != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ia) and j < len(ib):
+        gi, gj = [ia[i]], [ib[j]]
+        pa, pb = value(a[ia[i]]), value(b[ib[j]])
+        if pa is None or pb is None:
+            if (pa is None) != (pb is None):
+                return None
+            groups.append((gi, gj))
+            i, j = i + 1, j + 1
+            continue
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(ia) and value(a[ia[i]]) is not None:
+                pa *= value(a[ia[i]])
+                gi.append(ia[i])
+                i += 1
+            elif pb < pa and j < len(ib) and value(b[ib[j]]) is not None:
+                pb *= value(b[ib[j]])
+                gj.append(ib[j])
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups if i == len(ia) and j == len(ib) else None

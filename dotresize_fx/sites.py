@@ -1,0 +1,94 @@
+"""Parameter sites: where a WidthMap's matrices land, and how a slice of a parameter dim is transformed.
+
+Row-vector convention: a consumer computes x·W with W ∈ R^{n×out}; a group of width n becomes m.
+  producers    W_p ← W_p·M         (biases b ← b·M)
+  consumers    W_c ← U·W_c
+  passthrough  g ← g·M              (exact for selections and permutations: M's columns sum to 1)
+A site is (module FQN, attribute); its ops are [(dim, offset, length, A)]: slice [offset:offset+length] of
+`dim` becomes slice·A.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .errors import DotResizeError
+from .groups import Member, WidthGroup
+from .maps import WidthMap, expand_units, selection_matrix
+
+Sites = dict[tuple[str, str], list]
+
+
+def owner(model: torch.nn.Module, m: Member) -> tuple[str, str]:
+    """The (module, attribute) the member's op reads: for a tied weight, the alias owned by that module."""
+    module, _, attr = m.param.rpartition(".")
+    if m.module and m.module != module:
+        try:
+            mod = model.get_submodule(m.module)
+            if isinstance(getattr(mod, attr, None), torch.nn.Parameter):
+                return m.module, attr
+        except AttributeError:
+            pass
+    return module, attr
+
+
+def site_tensor(model, module: str, attr: str) -> torch.Tensor:
+    return getattr(model.get_submodule(module), attr).detach().to(torch.float64)
+
+
+def linear_ops(model, group: WidthGroup, w: WidthMap, sites: Sites) -> None:
+    """Producers and passthroughs take M, consumers U; on a GQA group, kv-width members take the kv map, and
+    the q/k producers of merged heads keep their target's rows (the attention pattern)."""
+    unit = group.unit
+    kv = group.kv_heads or group.size
+    for m in group.members:
+        units = (m.length or group.size * unit) // unit
+        on_kv = group.kind == "heads" and units == kv and kv != group.size
+        M = w.kv_merge if on_kv else w.merge
+        keep = w.kv_keep if on_kv else w.keep
+        if m.role == "producer" and m.attn == "qk" and keep is not None:
+            A = expand_units(selection_matrix(M.shape[0], keep), unit)
+        elif m.role in ("producer", "passthrough"):
+            A = expand_units(M, unit)
+        elif m.role == "consumer":
+            if on_kv:
+                raise DotResizeError(f"{group.name}: {m.param} reads the kv heads' width directly; a map for "
+                                     "such a consumer is not supported: keep this group's width")
+            A = w.channel_unmerge(unit).T
+        else:
+            continue
+        sites[owner(model, m)].append((m.dim, m.offset, m.length or A.shape[0], A))
+
+
+def transform(P: torch.Tensor, ops) -> torch.Tensor:
+    """Apply [(dim, offset, length, A)] to P: the slice [offset:offset+length] of `dim` becomes slice·A."""
+    by_dim = defaultdict(list)
+    for dim, off, length, A in ops:
+        by_dim[dim].append((off, length, A))
+    for dim, segs in by_dim.items():
+        pieces, pos = [], 0
+        for off, length, A in sorted(segs, key=lambda s: s[0]):
+            if off < pos:
+                raise DotResizeError(f"overlapping segments on one parameter dim ({off} < {pos})")
+            if off > pos:
+                pieces.append(P.narrow(dim, pos, off - pos))
+            chunk = P.narrow(dim, off, length).movedim(dim, -1) @ A.to(P.dtype)
+            pieces.append(chunk.movedim(-1, dim))
+            pos = off + length
+        if pos < P.shape[dim]:
+            pieces.append(P.narrow(dim, pos, P.shape[dim] - pos))
+        P = torch.cat(pieces, dim=dim)
+    return P.contiguous()
+
+
+def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
+    """d_i = ‖W_c[:, i]‖ over all consumers that read the whole width, per channel of the group (n × unit)."""
+    n_ch = group.size * group.unit
+    total = torch.zeros(n_ch, dtype=torch.float64)
+    for m in group.consumers():
+        if (m.length or n_ch) != n_ch:
+            continue
+        W = site_tensor(model, *owner(model, m)).movedim(m.dim, -1)
+        total += W.reshape(-1, n_ch).pow(2).sum(0)
+    return total.sqrt()
