@@ -82,7 +82,7 @@ def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path, ops
     auto = torch.export.Dim.AUTO
     dims = {0: auto, 1: auto} if not ids.is_floating_point() else {0: auto}
     mask = takes_mask(model, example_inputs)
-    args, names, shapes = (ids,), ["input_ids"], (dims,)
+    args, names, shapes = (ids,), ["input_ids" if not ids.is_floating_point() else "input"], (dims,)
     if mask:
         args, names, shapes = (ids, torch.ones_like(ids)), names + ["attention_mask"], (dims, dict(dims))
     try:
@@ -113,8 +113,10 @@ def session(path: str | Path, threads: int = 2):
 
 
 def _feed(sess, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
-    """The session's inputs for `ids`: plus an attention mask (all ones unless given) when the file takes one."""
-    feed = {"input_ids": ids.astype(np.int64)}
+    """The session's inputs for `ids` (token ids, or a float input such as images): plus an attention mask
+    (all ones unless given) when the file takes one."""
+    first = sess.get_inputs()[0]
+    feed = {first.name: ids.astype(np.float32 if first.type == "tensor(float)" else np.int64)}
     if _takes_mask_input(sess):
         feed["attention_mask"] = (np.ones_like(ids) if mask is None else mask).astype(np.int64)
     return feed
@@ -202,6 +204,8 @@ def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | No
     from .evaluate import perplexity
     sess = session(onnx_path, threads)
     probe = [example_inputs[0]]
+    if example_inputs[0].is_floating_point():  # a second batch size: the dynamic batch dim is exercised
+        probe += [torch.cat([example_inputs[0], example_inputs[0][:1]])]
     if windows is not None:
         probe += [windows[:2, : windows.shape[1] // 2]]  # a second (batch, seq): dynamic dims are exercised
     result = {"path": str(onnx_path), "max_abs_diff": parity(sess, model, probe), "tolerance": PARITY_TOL}

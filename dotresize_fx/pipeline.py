@@ -67,11 +67,13 @@ class WidthPass(PassBase):
 
     def requires(self, model: torch.nn.Module) -> None:
         """The analysis must describe this model: every member parameter there, with the analysed width."""
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
         for g in self.analysis.groups:
             for m in g.members:
-                if m.param in params and m.role != "index" and \
-                        params[m.param].shape[m.dim] < m.offset + (m.length or g.size * g.unit):
+                if m.param not in params:
+                    raise DotResizeError(f"{self.name}: the analysis is of another model (no {m.param} here): "
+                                         "analyse this model first")
+                if m.role != "index" and params[m.param].shape[m.dim] < m.offset + (m.length or g.size * g.unit):
                     raise DotResizeError(f"{self.name}: the analysis is of another model ({m.param} dim {m.dim} "
                                          f"is {params[m.param].shape[m.dim]} wide): analyse this model first")
 
@@ -79,7 +81,7 @@ class WidthPass(PassBase):
         heads = {g.size for g in self.analysis.by_kind("heads")}
         stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
         plan = plan_widths(self.analysis, self.targets, stock_multiple, where=self.name)
-        self.report["rounding"] = plan.rounding
+        self.report["rounding"], self.report["skipped"] = plan.rounding, plan.skipped
         new = copy.deepcopy(model)
         order = blocks(new, self.analysis, self.batches, self.layerwise)
         if not order.whole:

@@ -50,7 +50,7 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
         if stock:
             try:
                 model.save_pretrained(tmp)  # config.json + model.safetensors
-            except ValueError as e:     # the config's own validation refuses these widths: our format only
+            except Exception as e:  # the config's own validation refuses these widths: our format only
                 log.warning("not saved as a stock checkpoint (%s); reload with dotresize_fx.load", e)
                 stock = False
                 for f in tmp.iterdir():

@@ -43,6 +43,7 @@ class WidthPlan:
     """The widths a pass will produce: group → (q heads or channels, kv heads or None)."""
     widths: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     rounding: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # channel groups left alone, with the reason
 
 
 def plan_widths(analysis: Analysis, targets: Targets, residual_multiple: int = 1, where: str = "pass") -> WidthPlan:
@@ -57,6 +58,9 @@ def plan_widths(analysis: Analysis, targets: Targets, residual_multiple: int = 1
     plan = WidthPlan()
     for kind, f in asked.items():
         groups = analysis.by_kind(kind)
+        if kind == "channels":  # a vision model's channel groups include pinned ones (the image's 3 channels)
+            plan.skipped += [f"{g.name}: {g.reason}" for g in groups if not g.resizable]
+            groups = [g for g in groups if g.resizable]
         if not groups:
             raise DotResizeError(f"{where}: {kind}={f} matches no group: this model has {counts}; target one "
                                  "of those kinds ('dotresize-fx analyze MODEL' lists them)")

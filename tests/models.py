@@ -171,3 +171,140 @@ def cnn():
 HF = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3", "gemma", "bert"]
 NON_HF = ["nanogpt", "mixer", "cnn"]
 ALL = HF + NON_HF
+
+
+def llama_gqa8():
+    """8 q heads in 2 kv groups: removing a quarter of the heads keeps both groups (3 q heads each)."""
+    from transformers import LlamaConfig
+    return _hf(LlamaConfig, **{**SMALL, "num_attention_heads": 8})
+
+
+def llama_mha():
+    from transformers import LlamaConfig
+    return _hf(LlamaConfig, **{**SMALL, "num_key_value_heads": 4})
+
+
+def _duplicate_rows(W, dst, src, dim=0):
+    with torch.no_grad():
+        W.index_copy_(dim, dst, W.index_select(dim, src))
+
+
+def llama_duplicated_neurons():
+    """float64 Llama whose MLP neurons 72…95 copy neurons 0…23 (gate and up rows); their down_proj columns are
+    small, so they rank last and the 72 originals are the targets."""
+    model, inputs = llama()
+    model = model.double()
+    src, dst = torch.arange(24), torch.arange(72, 96)
+    for layer in model.model.layers:
+        _duplicate_rows(layer.mlp.gate_proj.weight, dst, src)
+        _duplicate_rows(layer.mlp.up_proj.weight, dst, src)
+        with torch.no_grad():
+            layer.mlp.down_proj.weight[:, dst] *= 0.01
+    return model, inputs
+
+
+def llama_duplicated_heads():
+    """float64 multi-head Llama whose head 3 copies head 0 (q, k, v rows); its o_proj columns are small."""
+    model, inputs = llama_mha()
+    model = model.double()
+    hd = SMALL["hidden_size"] // 4
+    src, dst = torch.arange(hd), torch.arange(3 * hd, 4 * hd)
+    for layer in model.model.layers:
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            _duplicate_rows(getattr(layer.self_attn, proj).weight, dst, src)
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight[:, dst] *= 0.01
+    return model, inputs
+
+
+def llama_tiny_eps():
+    from transformers import LlamaConfig
+    return _hf(LlamaConfig, **SMALL, rms_norm_eps=1e-12)
+
+
+def gpt2_tiny_eps():
+    from transformers import GPT2Config
+    return _hf(GPT2Config, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+               eos_token_id=0, layer_norm_epsilon=1e-12)
+
+
+class _Residual(nn.Module):
+    def __init__(self, d, ff):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+class OutsideResidual(nn.Module):
+    """Blocks return only their branch; the residual is added outside them, so the blocks do not chain."""
+    def __init__(self, vocab=VOCAB, d=32, ff=64, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_Residual(d, ff) for _ in range(layers))
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.out(x)
+
+
+def outside_residual():
+    torch.manual_seed(0)
+    return OutsideResidual().eval(), _ids()
+
+
+class _WindowBlock(nn.Module):
+    """A block that attends within a window given by its caller (as sliding-window layers do)."""
+    def __init__(self, d, ff):
+        super().__init__()
+        self.norm, self.qkv, self.o = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        att = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + self.o(att @ v)
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class AlternatingWindows(nn.Module):
+    """Even layers see 2 tokens back, odd layers the whole causal prefix: each block needs its own mask."""
+    def __init__(self, vocab=VOCAB, d=32, ff=64, layers=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_WindowBlock(d, ff) for _ in range(layers))
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        causal = pos[None, :] <= pos[:, None]
+        local = causal & (pos[:, None] - pos[None, :] < 2)
+        x = self.emb(idx)
+        for i, b in enumerate(self.blocks):
+            x = b(x, local if i % 2 == 0 else causal)
+        return self.out(x)
+
+
+def alternating_windows():
+    torch.manual_seed(0)
+    return AlternatingWindows().eval(), _ids()
+
+
+def _word_tokenizer(vocab=VOCAB):
+    """A word-level tokenizer over a fixed vocabulary (no downloads): w0 … w{vocab-3}, <bos>, <unk>."""
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = {f"w{i}": i for i in range(vocab - 2)} | {"<bos>": vocab - 2, "<unk>": vocab - 1}
+    tok = Tokenizer(tm.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+def llama_with_tokenizer():
+    model, inputs = llama()
+    return model, inputs, _word_tokenizer()

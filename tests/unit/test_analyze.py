@@ -99,3 +99,33 @@ def test_unknown_op_pins_its_group_with_the_op_name():
     hidden = [g for g in a.groups if g.size == 16][0]
     assert not hidden.resizable
     assert "aten.cumsum" in hidden.reason and "<root>" in hidden.reason
+
+
+def test_channel_spaces_refuse_joining_different_static_sizes():
+    import pytest
+    from dotresize_fx.spaces import ChannelSpaces, SizeMismatch
+    s = ChannelSpaces()
+    a, b, one, seq = s.new(16), s.new(24), s.new(1), s.new(None)
+    s.join(a, one)        # a broadcast dim carries no width
+    s.join(a, seq)        # nor does a symbolic one
+    assert s.find(a) != s.find(one) and s.find(a) != s.find(seq)
+    with pytest.raises(SizeMismatch):
+        s.join(a, b)
+
+
+class _HigherOrder(torch.nn.Module):
+    """An op without a rule (cumsum, inside a branch of torch.cond) pins the width it touches."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.cond(h.sum() > 0, lambda t: t * 2, lambda t: t.cumsum(-1), (h,))
+        return self.b(h)
+
+
+def test_higher_order_ops_pin_their_widths():
+    a = analyze(_HigherOrder().eval(), (torch.randn(2, 8),))
+    hidden = [g for g in a.groups if g.size == 16][0]
+    assert not hidden.resizable and "no rule for cond" in hidden.reason
