@@ -60,10 +60,11 @@ class Walker:
         self.uses: dict[tuple[str, int], list[tuple[str, str, str, str, str]]] = defaultdict(list)
         self.constants: list = []                    # (atom, Constant)
         self.reductions: list[tuple[int, str, str]] = []  # (atom, op, module)
-        self.norm_outputs: list[tuple[int, torch.fx.Node, str]] = []
         self.centring: set[str] = set()              # norm modules that subtract the mean
         self.channelwise: list[tuple[int, str, str]] = []  # (atom, op, module): not equivariant to rotations
         self.heads: list[tuple[int, int]] = []       # (q head atom, head_dim atom)
+        self.head_dims: list[int] = []               # head_dim atoms of attention (q/k's and v/o's)
+        self.equal_splits: list[tuple[torch.fx.Node, list[int]]] = []  # chunk / split(int): (node, part atoms)
 
     # -- helpers the rules use ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:

@@ -16,23 +16,35 @@ NORM_REDUCTIONS = {"layer_norm", "rms_norm", "mean"}   # a residual's norms redu
 
 
 def build_groups(w) -> list[WidthGroup]:
-    """One WidthGroup per space that a parameter dim belongs to, ordered by the first parameter touching it."""
+    """One WidthGroup per space that a parameter dim belongs to, ordered by the first parameter touching it.
+
+    A dim exactly one head wide (a head_dim space of attention: shared by every layer when the rotary tables
+    are) belongs to the heads group of its own attention module: as a kv-width producer when there is one kv
+    head (MQA), or as a `shared` member (a per-head q/k norm: every head reads the same gains, so it pins
+    head_dim and stays as it is when whole heads go)."""
     s = w.s
     head_keys = {s.leaves(h)[0] for h, _ in w.heads}
+    head_dims = {s.find(d) for d in w.head_dims}
     by_key: dict[int, list[tuple[Member, list[int]]]] = defaultdict(list)
+    head_wide: list[tuple[Member, list[int]]] = []
     params = set(w.c.program.graph_signature.inputs_to_parameters.values())
     for fqn, atoms in w.param_atoms.items():
         for d, a in enumerate(atoms):
             roles = w.uses.get((fqn, d))
             if not roles:
                 continue  # e.g. the unused alias of a tied weight
-            for offset, length, leaves in _resolve(s, a):
+            for offset, length, leaves in _resolve(s, a, head_dims):
                 key = leaves[0]
-                if not s.static(key) or (fqn not in params and key not in by_key):
+                if not s.static(key) or (fqn not in params and key not in by_key and key not in head_dims):
                     continue  # buffers only join groups that parameters define (BN stats, not RoPE tables)
                 for role, op, module, node, via in _unique_roles(roles):
-                    by_key[key].append((Member(fqn, d, role, offset, length, f"aten.{op}", module, node, via),
-                                        leaves))
+                    member = Member(fqn, d, role, offset, length, f"aten.{op}", module, node, via)
+                    if key in head_dims and len(leaves) == 1 and fqn in params:
+                        member.length, member.role = length or s.size[key], _head_wide_role(role)
+                        head_wide.append((member, leaves))
+                    elif key not in head_dims:
+                        by_key[key].append((member, leaves))
+    _attach_head_wide(by_key, head_keys, head_wide)
     order = {fqn: i for i, fqn in enumerate(w.param_atoms)}
     ordered = sorted(by_key.items(), key=lambda kv: min(order[m.param] for m, _ in kv[1]))
     out, counters = [], defaultdict(int)
@@ -46,12 +58,36 @@ def build_groups(w) -> list[WidthGroup]:
     return out
 
 
-def _resolve(s, a: int, offset: int = 0) -> list[tuple[int, int, list[int]]]:
+def _attention_module(m: Member) -> str:
+    return (m.module or m.param).rpartition(".")[0]
+
+
+def _attach_head_wide(by_key, head_keys, head_wide) -> None:
+    """Each head-wide member joins the heads group whose members sit in the same attention module."""
+    owner = {}
+    for key in head_keys:
+        for m, _ in by_key.get(key, []):
+            owner.setdefault(_attention_module(m), key)
+    for m, leaves in head_wide:
+        key = owner.get(_attention_module(m))
+        if key is None:
+            by_key[leaves[0]].append((m, leaves))  # no attention to join: a width of its own
+        else:
+            by_key[key].append((m, leaves))
+
+
+def _head_wide_role(role: str) -> str:
+    return role if role in ("producer", "consumer") else "shared"
+
+
+def _resolve(s, a: int, stop: set[int], offset: int = 0) -> list[tuple[int, int, list[int]]]:
+    """(offset, length, leaves) of the spaces a dim is made of: its segments (fused qkv), unless factored or a
+    head_dim (whose rotary halves are not separate widths)."""
     r = s.find(a)
-    if r in s.segments and r not in s.factors:
+    if r in s.segments and r not in s.factors and r not in stop:
         out = []
         for off, ln, child in sorted(s.segments[r]):
-            out.extend(_resolve(s, child, offset + off))
+            out.extend(_resolve(s, child, stop, offset + off))
         return out
     return [(offset, s.size[r] or 0, s.leaves(r))]
 
@@ -81,18 +117,35 @@ def _group(w, key: int, entries: list[tuple[Member, list[int]]], is_heads: bool)
         _heads(w, g, key, entries)
     elif g.norms and len(g.producers()) >= 2 and any(op in NORM_REDUCTIONS for _, op in reducing):
         reasons += _residual(w, g, key)
-    elif {m.via for m in members if m.role in ("producer", "consumer")} == {"linear"} and not reasons:
+    elif {m.via for m in members if m.role in ("producer", "consumer")} == {"linear"} and not reasons \
+            and g.consumers():
         g.kind = "mlp"
     for atom, c in w.constants:
         leaves = s.leaves(atom)
         if leaves and leaves[0] == key:
             c.factor = c.value // g.size if g.size else 1
             g.constants.append(c)
+    reasons += _unequal_parts(w, key)
     if not g.producers() and not g.consumers():
         reasons.append("no producer or consumer parameter")
+    elif not g.consumers() and g.kind != "heads" and not reasons:
+        reasons.append("no parameter reads this width: it is contracted between activations (e.g. q·kᵀ of "
+                       "single-head attention), so it has no observation point")
     g.resizable = not reasons
     g.reason = "; ".join(dict.fromkeys(reasons))
     return g
+
+
+def _unequal_parts(w, key: int) -> list[str]:
+    """A split into equal parts (chunk, split by one size) derives its parts' width from its input's: a group
+    that holds some of the parts but not all would leave the parts unequal."""
+    reasons = []
+    for node, parts in w.equal_splits:
+        keys = [w.s.leaves(p)[0] for p in parts]
+        if key in keys and any(k != key for k in keys):
+            reasons.append(f"{node.target.__name__.split('.')[0]} in {w.module(node) or '<root>'} splits a width "
+                           "into equal parts, and the other parts belong to another width")
+    return reasons
 
 
 def _heads(w, g: WidthGroup, key: int, entries) -> None:
@@ -102,20 +155,28 @@ def _heads(w, g: WidthGroup, key: int, entries) -> None:
     for m, leaves in entries:
         m.attn = "qk" if s.find(leaves[-1]) in qk_dims else "vo"
     longest = max((leaves for _, leaves in entries), key=len)
-    g.kv_heads = g.size
+    one_kv = any(m.role == "producer" and len(leaves) == 1 and leaves[0] != key for m, leaves in entries)
+    g.kv_heads = 1 if one_kv else g.size  # k/v one head wide: a single kv head (MQA)
     g.size = g.size * (s.size[longest[1]] if len(longest) > 2 else 1)
     g.unit = s.size[longest[-1]] if len(longest) > 1 else 1
 
 
 def _residual(w, g: WidthGroup, key: int) -> list[str]:
     g.kind = "residual"
-    g.norm_position = "post" if _post_norm(w, key) else "pre"
+    adding = _norms_feeding_adds(w, key)       # norm module → whether its own input is the stream (an add)
+    post = sorted(m for m, on_stream in adding.items() if on_stream)
+    branch = sorted(m for m, on_stream in adding.items() if not on_stream)
+    g.norm_position = "post" if post else "branch" if branch else "pre"
     g.channelwise = sorted({f"aten.{op} in {mod or '<root>'}" for a, op, mod in w.channelwise
                             if w.s.find(a) == key and mod not in g.norms})
     _mark_norm_readers(w, g)
-    if g.norm_position == "post":
+    if post:
         return ["post-LN: the stream itself is normalised after every residual add, so no orthogonal map keeps "
                 "the norms invariant (MLP and heads groups stay resizable)"]
+    if branch:
+        return [f"a gain applied to a branch's output before the residual add ({branch[0]}"
+                + (f" and {len(branch) - 1} more" if len(branch) > 1 else "") + ") does not commute with a "
+                "rotation of the stream (MLP and heads groups stay resizable)"]
     return []
 
 
@@ -133,28 +194,44 @@ def _mark_norm_readers(w, g: WidthGroup) -> None:
             x = x.args[0]
 
 
-def _post_norm(w, key: int) -> bool:
-    """A norm whose output (through casts/dropout) feeds a residual add normalises the stream itself."""
-    for node in _norm_output_nodes(w, key):
-        frontier = [node]
+_ADDS = (aten.add, aten.add_)
+
+
+def _norms_feeding_adds(w, key: int) -> dict[str, bool]:
+    """Norms whose output (through casts/dropout) feeds a residual add, and whether each one's input is itself
+    the stream (an add: post-LN, as BERT) or a branch's output (Gemma's and OLMo-2's post-branch norms)."""
+    found = {}
+    for module, (first, last) in _norm_nodes(w, key).items():
+        frontier = [last]
         while frontier:
             x = frontier.pop()
             for user in x.users:
                 op = packet(user.target)
                 if op in SAME_SHAPE:
                     frontier.append(user)
-                elif op in (aten.add, aten.add_):
-                    return True
-    return False
+                elif op in _ADDS:
+                    found[module] = _comes_from_add(first)
+    return found
 
 
-def _norm_output_nodes(w, key: int) -> list[torch.fx.Node]:
-    found = [n for a, n, _ in w.norm_outputs if w.s.find(a) == key]
-    # norms written as ops (RMSNorm: pow/mean/rsqrt/mul): the output is the last node of the norm module
-    norm_modules = {m for a, _, m in w.reductions if w.s.find(a) == key}
-    last: dict[str, torch.fx.Node] = {}
+def _comes_from_add(x) -> bool:
+    while isinstance(x, torch.fx.Node) and packet(x.target) in SAME_SHAPE:
+        x = x.args[0]
+    return isinstance(x, torch.fx.Node) and packet(x.target) in _ADDS
+
+
+def _norm_nodes(w, key: int) -> dict[str, tuple]:
+    """norm module → (its input, its output node), for the norms that reduce over this width (aten norms, and
+    norms written as ops such as RMSNorm's pow/mean/rsqrt/mul)."""
+    modules = {m for a, _, m in w.reductions if w.s.find(a) == key}
+    first, last = {}, {}
     for node in w.c.graph.nodes:
         mod = w.c.node_module.get(node.name)
-        if mod in norm_modules and isinstance(val(node), torch.Tensor):
+        if mod in modules and isinstance(val(node), torch.Tensor):
             last[mod] = node
-    return found + list(last.values())
+            if mod not in first:
+                outside = [a for a in node.all_input_nodes if w.c.node_module.get(a.name) != mod
+                           and a.op != "placeholder" and isinstance(val(a), torch.Tensor)]
+                if outside:
+                    first[mod] = outside[0]
+    return {m: (first.get(m), last[m]) for m in last}

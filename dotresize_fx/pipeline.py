@@ -90,6 +90,7 @@ class WidthPass(PassBase):
             self.report["layerwise_skipped"] = "the model's blocks do not chain (residual added outside them)"
         maps, untied, notes = self._spanning(model, new, plan, order)
         maps.update(self._blockwise(model, new, plan, order))
+        self.maps = maps
         rewrite = finalize(new, self.analysis, maps)
         self.report.update(widths=rewrite.widths, untied=untied + rewrite.untied, config=rewrite.config,
                            stock=rewrite.stock, notes=notes + rewrite.notes,

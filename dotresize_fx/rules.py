@@ -228,7 +228,6 @@ def layer_norm(w, n, out) -> None:
         w.s.join(w.dims(p)[-1], out[-1])
         w.use(p, len(w.dims(p)) - 1, "passthrough", n, "norm")
     w.reductions.append((out[-1], packet(n.target).__name__, w.module(n)))
-    w.norm_outputs.append((out[-1], n, w.module(n)))
     if centring:
         w.centring.add(w.module(n))
 
@@ -283,6 +282,8 @@ def split(w, n, out_unused) -> None:
         if w.s.static(xd[dim]) and length:
             w.s.add_segment(xd[dim], offset, length, o[dim])
             offset += length
+    if packet(n.target) is aten.chunk or isinstance(n.args[1], int):  # equal parts: the input width decides
+        w.equal_splits.append((n, [o[dim] for o in outs]))
 
 
 @rule(aten.slice)
@@ -338,6 +339,7 @@ def sdpa(w, n, out) -> None:
     elif sq and sk and sq % sk == 0:
         w.s.factor(qd[-3], [kd[-3], w.s.new(sq // sk)])
     w.heads.append((qd[-3], qd[-1]))
+    w.head_dims += [qd[-1], out[-1]]
     for i in range(4, len(out) + 1):
         for d in (qd, kd, vd):
             w.s.join(d[-i], out[-i])

@@ -168,7 +168,37 @@ def cnn():
     return model.eval(), (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
 
 
-HF = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3", "gemma", "bert"]
+def gemma3():
+    """Gemma 3: one kv head, q/k norms, sandwich norms, sliding-window and global layers with their own RoPE."""
+    from transformers import Gemma3TextConfig
+    return _hf(Gemma3TextConfig, **{**SMALL, "num_hidden_layers": 3, "num_key_value_heads": 1}, head_dim=16,
+               sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+
+
+def gemma2():
+    """Gemma 2: sandwich norms, soft-capped attention and logits, alternating sliding windows."""
+    from transformers import Gemma2Config
+    return _hf(Gemma2Config, **SMALL, head_dim=16, sliding_window=4)
+
+
+def qwen3():
+    from transformers import Qwen3Config
+    return _hf(Qwen3Config, **SMALL, head_dim=16)
+
+
+def olmo2():
+    """OLMo-2: norms on the full q/k width and on each branch's output, none before the branches."""
+    from transformers import Olmo2Config
+    return _hf(Olmo2Config, **SMALL, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+
+
+def llama_mqa():
+    from transformers import LlamaConfig
+    return _hf(LlamaConfig, **{**SMALL, "num_key_value_heads": 1})
+
+
+HF = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3", "gemma", "bert", "gemma3", "gemma2", "qwen3", "olmo2",
+      "llama_mqa"]
 NON_HF = ["nanogpt", "mixer", "cnn"]
 ALL = HF + NON_HF
 
@@ -261,11 +291,13 @@ class _WindowBlock(nn.Module):
     """A block that attends within a window given by its caller (as sliding-window layers do)."""
     def __init__(self, d, ff):
         super().__init__()
-        self.norm, self.qkv, self.o = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm, self.o = nn.LayerNorm(d), nn.Linear(d, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.up, self.down = nn.Linear(d, ff), nn.Linear(ff, d)
 
     def forward(self, x, mask):
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
         att = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(-1)
         x = x + self.o(att @ v)
         return x + self.down(torch.relu(self.up(x)))

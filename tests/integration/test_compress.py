@@ -183,6 +183,26 @@ def test_every_width_of_hf_architectures_compresses_and_reloads(arch, tmp_path):
     assert plan["stock"] == (arch not in ("gpt2", "opt"))  # those derive head_dim from hidden_size
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "qwen3", "olmo2", "llama_mqa"])
+@pytest.mark.parametrize("method", ["prune", "dotresize"])
+def test_decoder_families_compress_mlp_and_heads_and_reload(arch, method, tmp_path):
+    """Gemma 3 (one kv head, q/k norms, sandwich norms, sliding windows), Gemma 2, Qwen3, OLMo-2 and MQA Llama:
+    MLP and q heads (within the kv groups) resize layer by layer, and the result reloads to identical logits,
+    from the stock checkpoint too."""
+    from transformers import AutoModelForCausalLM
+    report = run(_job(arch, f"{method}:mlp=0.25,heads=0.5", tmp_path))
+    assert report["graph_check_max_abs_diff"] < 1e-4
+    assert {w for n, w in report["widths"].items() if n.startswith("heads")} == {2}
+    assert {w for n, w in report["widths"].items() if n.startswith("mlp")} == {72}
+    ids = models._ids()[0]
+    plan = json.loads((tmp_path / "out" / "resize_plan.json").read_text())
+    with torch.no_grad():
+        want = report["_model"](ids).logits
+        assert torch.equal(load(tmp_path / "out").model(ids).logits, want)
+        assert plan["stock"]
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits, want)
+
+
 @pytest.mark.parametrize("passes", ["pca:residual=0.25,residual_maps=per_layer",
                                     "dotresize:residual=0.25,residual_maps=per_layer"])
 def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, tmp_path):

@@ -16,6 +16,11 @@ EXPECTED = {
     "opt": (1, True, 2, 96, 2, 4, 4, 16),
     "bert": (1, False, 2, 96, 2, 4, 4, 16),
     "nanogpt": (1, True, 2, 128, 2, 4, 4, 8),
+    "gemma3": (1, False, 3, 96, 3, 4, 1, 16),
+    "gemma2": (1, False, 2, 96, 2, 4, 2, 16),
+    "qwen3": (1, True, 2, 96, 2, 4, 2, 16),
+    "olmo2": (1, False, 2, 96, 2, 4, 2, 16),
+    "llama_mqa": (1, True, 2, 96, 2, 4, 1, 16),
 }
 
 
@@ -40,6 +45,30 @@ def test_transformer_groups(arch, golden):
     assert [(g.size, g.kv_heads, g.unit) for g in heads] == [(q, kv, hd)] * n_heads
     assert all(g.resizable for g in heads)
     golden(f"analyze/{arch}", summary(a))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "gemma2"])
+def test_branch_output_norms_pin_the_residual_with_their_own_reason(arch):
+    r = analyze(*getattr(models, arch)()).by_kind("residual")[0]
+    assert not r.resizable and r.norm_position == "branch" and "post-LN" not in r.reason
+    assert "a gain applied to a branch's output before the residual add" in r.reason
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_per_head_qk_norms_are_shared_members_of_their_heads_group(arch):
+    a = analyze(*getattr(models, arch)())
+    for i, g in enumerate(a.by_kind("heads")):
+        shared = sorted(m.param for m in g.members if m.role == "shared")
+        assert shared == [f"model.layers.{i}.self_attn.k_norm.weight", f"model.layers.{i}.self_attn.q_norm.weight"]
+    assert not [g for g in a.groups if g.size == 16]   # no separate head_dim "groups" any more
+
+
+def test_one_kv_head_is_a_heads_group_with_kv_heads_1():
+    a = analyze(*models.llama_mqa())
+    g = a.by_kind("heads")[0]
+    lengths = {m.param.rsplit(".", 2)[-2]: m.length for m in g.members}
+    assert (g.size, g.kv_heads, g.unit) == (4, 1, 16)
+    assert lengths == {"q_proj": 64, "k_proj": 16, "v_proj": 16, "o_proj": 64}
 
 
 def test_gqa_members_have_kv_and_q_widths():
@@ -123,6 +152,23 @@ class _HigherOrder(torch.nn.Module):
         h = self.a(x)
         h = torch.cond(h.sum() > 0, lambda t: t * 2, lambda t: t.cumsum(-1), (h,))
         return self.b(h)
+
+
+class _Chunked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.o((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+def test_a_part_of_an_equal_split_cannot_change_alone():
+    """chunk(3) derives each part's width from the input's: v alone (v→o) would leave the parts unequal."""
+    a = analyze(_Chunked().eval(), (torch.randn(2, 5, 8),))
+    vo = [g for g in a.groups if any(m.param == "o.weight" for m in g.members)][0]
+    assert not vo.resizable and "equal parts" in vo.reason
 
 
 def test_higher_order_ops_pin_their_widths():

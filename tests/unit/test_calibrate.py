@@ -68,3 +68,19 @@ def test_each_block_runs_with_its_own_arguments():
     model, inputs = models.llama()
     shared = BlockRunner(model, blocks(model, analyze(model, inputs), [inputs]), [inputs])
     assert not shared.per_block     # Llama's blocks all get block 0's arguments: nothing stored per block
+
+
+def test_layer_by_layer_with_per_block_arguments_equals_its_maps_applied_at_once():
+    from dotresize_fx.compress import PassSpec
+    from dotresize_fx.rewrite import apply
+    from passes import build_pass
+    model, inputs = models.alternating_windows()
+    a = analyze(model, inputs)
+    batches = [(torch.randint(0, models.VOCAB, (2, 10), generator=torch.Generator().manual_seed(i)),)
+               for i in range(3)]
+    p = build_pass(PassSpec.parse("dotresize:mlp=0.25")[0], a, inputs, batches)
+    layerwise = p(model).graph_module
+    assert p.report["layerwise"] and set(p.report["ls_reg"]) == {g.name for g in a.by_kind("mlp")}
+    at_once, _ = apply(model, a, p.maps)
+    with torch.no_grad():
+        assert torch.equal(layerwise(*inputs), at_once(*inputs))

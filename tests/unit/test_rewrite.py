@@ -23,7 +23,7 @@ def test_invariance_checks_pass(arch):
     # models that compute in float64 throughout are held to float64's floor
     assert all(c["compute_dtype"] == ("torch.float64" if arch in FLOAT64_THROUGHOUT else "torch.float32")
                for c in checks)
-    if arch not in ("bert", "cnn", "mixer"):  # RMSNorm and pre-LN LayerNorm streams: the rotations are run
+    if arch not in ("bert", "cnn", "mixer", "gemma3", "gemma2", "olmo2"):  # streams that rotate: the rotations run
         assert {"rotation residual.0", "per-layer rotation residual.0"} <= set(names)
 
 
