@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .errors import DotResizeError
 from .groups import Analysis, Member, WidthGroup
 from .outputs import model_outputs
@@ -53,6 +54,12 @@ class Stats:
         hold = None if self.holdout is None or other.holdout is None else self.holdout + other.holdout
         return Stats(self.gram + other.gram, self.count + other.count, hold)
 
+    def reduce(self) -> "Stats":
+        """Sum over the ranks of a data-parallel run (`dist`); a no-op in one process."""
+        dist.sum_(self.gram, self.holdout)
+        self.count = dist.sum_count(self.count)
+        return self
+
     def add(self, x: torch.Tensor) -> None:
         x = _rows(x)
         self.gram += x.T @ x
@@ -77,6 +84,10 @@ class CrossStats:
             return torch.zeros(*shape, dtype=torch.float64)
         return CrossStats(z(n_new, n_new), z(n_new, n_ref), z(n_new, n_new), z(n_new, n_ref))
 
+    def reduce(self) -> "CrossStats":
+        dist.sum_(self.A, self.B, self.A_hold, self.B_hold)
+        return self
+
     def add(self, h_new: torch.Tensor, h_ref: torch.Tensor) -> None:
         h2, h = _rows(h_new), _rows(h_ref)
         self.A += h2.T @ h2
@@ -92,6 +103,11 @@ class Calibration:
     norms: dict[str, Stats] = field(default_factory=dict)   # residual: each norm's own share of the pooled Gram
     forward_s: float = 0.0
 
+    def reduce(self) -> "Calibration":
+        for s in [*self.stats.values(), *self.norms.values()]:
+            s.reduce()
+        return self
+
 
 def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: list[str],
                   progress: bool = True, per_norm: bool = False) -> Calibration:
@@ -104,7 +120,7 @@ def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: l
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
                 model_outputs(model, batch)
         cal.forward_s = time.perf_counter() - t0
-    return cal
+    return cal.reduce()
 
 
 class observing:

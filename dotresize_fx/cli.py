@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from . import dist
 from .errors import DotResizeError
+from .load import DTYPES
 from .targets import TARGET_KINDS
 
 
@@ -110,9 +112,10 @@ def cmd_compress(args) -> dict:
         specs = [PassSpec(args.method, options)]
     job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
               eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx,
-              opset=args.opset)
+              opset=args.opset, dtype=args.dtype)
     report = public(run(job))
-    _print_summary(report)
+    if dist.is_main():
+        _print_summary(report)
     return report
 
 
@@ -317,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="weights' dtype through the job and in the output (auto: the checkpoint's own; "
+                        "statistics and maps are float64 whatever it is)")
     p.add_argument("--seed", type=int, default=0)
     _add_eval_protocol(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -343,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        dist.init_from_env()
         result = args.func(args)
-        _write_json(getattr(args, "json", None), result)
+        if dist.is_main():
+            _write_json(getattr(args, "json", None), result)
     except (DotResizeError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if args.debug:
             raise
@@ -353,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.finish()
     return 0
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, dist
 from .analyze import analyze
 from .capture import capture
 from .errors import DotResizeError
 from .evaluate import parameter_counts, perplexity
 from .export import OPSET
-from .load import load
+from .load import load, model_dtype
 from .save import check_output_dir, save
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class Job:
     onnx: bool = False
     opset: int = OPSET
     layerwise: bool = True
+    dtype: str = "auto"          # weights' dtype through the job and in the output (auto: the checkpoint's own)
 
 
 def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> dict:
@@ -136,18 +137,24 @@ def run(job: Job) -> dict:
     onnx = job.onnx or bool(quantize)
     if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
+    main = dist.is_main()        # a data-parallel run: every rank calibrates its share, rank 0 evaluates and writes
+    out, onnx, evaluate = (job.out, onnx, job.evaluate) if main else (None, False, False)
     t_start = time.perf_counter()
     timing = {}
-    if job.out:
-        check_output_dir(Path(job.out), job.model, job.overwrite)
+    if out:
+        check_output_dir(Path(out), job.model, job.overwrite)
     t = time.perf_counter()
-    model, tokenizer, inputs = load(job.model)
+    model, tokenizer, inputs = load(job.model, job.dtype)
     timing["load_s"] = time.perf_counter() - t
+    if onnx and model_dtype(model) != torch.float32:
+        raise DotResizeError(f"ONNX export is validated for float32 weights, the model is {model_dtype(model)}: "
+                             "compress with --dtype float32 for --onnx or a quantize pass")
     analysis = analyze(model, inputs)
     timing["capture_s"], timing["analyze_s"] = analysis.timing["capture_s"], analysis.timing["analyze_s"]
     calib, eval_windows, provenance = _data(job, tokenizer, inputs, model)
+    calib = dist.shard(calib)
     before = parameter_counts(model)
-    ppl_before = _ppl(model, eval_windows, job) if job.evaluate else None
+    ppl_before = _ppl(model, eval_windows, job) if evaluate else None
 
     current, pass_reports = model, []
     t = time.perf_counter()
@@ -170,7 +177,7 @@ def run(job: Job) -> dict:
     with resized_forward("the rewrite", analysis, None):
         graph_diff = _graph_check(current, inputs)
     after = parameter_counts(current)
-    ppl_after = _ppl(current, eval_windows, job) if job.evaluate else None
+    ppl_after = _ppl(current, eval_windows, job) if evaluate else None
     report = {
         "model": job.model, "passes": pass_reports,
         "params_before": before["total"], "params_after": after["total"],
@@ -181,16 +188,17 @@ def run(job: Job) -> dict:
         "protocol": {**provenance, "seq_len": job.seq_len, "eval_tokens": ppl_after and ppl_after["tokens"],
                      "calib_samples": job.calib_samples, "seed": job.seed, "bos": True},
         "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "dtype": str(model_dtype(current)).removeprefix("torch."), "ranks": dist.world_size(),
     }
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["_model"], report["_tokenizer"], report["_eval_windows"] = current, tokenizer, eval_windows
-    if job.out:
+    if out:
         stock = all(r.get("stock", True) for r in pass_reports)
-        save(current, job.out, source=job.model, tokenizer=tokenizer, stock=stock,
+        save(current, out, source=job.model, tokenizer=tokenizer, stock=stock,
              report=public(report), overwrite=job.overwrite)
-        report["out"] = job.out
+        report["out"] = out
         if onnx:
             _export_and_validate(job, report, current, model, inputs, eval_windows,
                                  configs[len(specs):])

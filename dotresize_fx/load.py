@@ -35,35 +35,52 @@ class Loaded(NamedTuple):
     example_inputs: tuple
 
 
-def load(spec: str | Path) -> Loaded:
-    """Load a model spec (see the module docstring). The model is in eval mode, float32, on the CPU."""
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(spec: str | Path, dtype: str = "auto") -> Loaded:
+    """Load a model spec (see the module docstring), in eval mode on the CPU, its weights in `dtype`
+    (`auto`: the checkpoint's own; the embedded models are float32)."""
     spec = str(spec)
+    if dtype not in DTYPES:
+        raise DotResizeError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if spec in EMBEDDED:
-        return _load_hf_dir(hf_dir(spec))
+        return _load_hf_dir(hf_dir(spec), dtype)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DotResizeError(f"GGUF file {spec!r} does not exist: check the path")
-        return _load_hf_dir(gguf_to_hf_dir(path))
+        return _load_hf_dir(gguf_to_hf_dir(path), dtype)
     if path.is_dir():
         if (path / PLAN_FILE).is_file():
-            return load_compressed(path)
+            return _cast(load_compressed(path), dtype)
         if (path / "config.json").is_file():
-            return _load_hf_dir(path)
+            return _load_hf_dir(path, dtype)
         raise DotResizeError(f"directory {spec!r} holds neither config.json (Hugging Face) nor {PLAN_FILE} "
                              "(dotresize_fx output): give a model directory, a .gguf file, an embedded model "
                              f"({', '.join(EMBEDDED)}) or a factory 'file.py:func'")
     if ":" in spec:
-        return _load_factory(spec)
+        return _cast(_load_factory(spec), dtype)
     raise DotResizeError(f"unknown model spec {spec!r}: use an embedded model ({', '.join(EMBEDDED)}), a Hugging "
                          "Face directory, a .gguf file, or a factory 'path/to/file.py:func' / 'package.module:func'")
 
 
-def _load_hf_dir(path: Path) -> Loaded:
+def _cast(loaded: Loaded, dtype: str) -> Loaded:
+    if DTYPES[dtype] is not None:
+        loaded.model.to(DTYPES[dtype])
+    return loaded
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating weights (the first one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _load_hf_dir(path: Path, dtype: str = "auto") -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, config=config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] or "auto", config=config)
     except Exception as e:
         raise DotResizeError(f"cannot load Hugging Face model from {path}: {e}") from e
     model = _clone_parameters(model.eval())
@@ -151,18 +168,18 @@ def load_compressed(path: str | Path):
                              "dotresize_fx output; compress again") from e
     if plan.get("format") != FORMAT:
         raise DotResizeError(f"{path / PLAN_FILE} has format {plan.get('format')}, this version reads {FORMAT}")
-    source = load(plan["source"])
+    source = load(plan["source"], plan.get("dtype", "auto"))
     model = source.model
     tied = {n: group for group in plan["tied"] for n in group}
     made = {}
     for name in plan.get("skip_adapters", []):
         mod = model.get_submodule(name)
-        add_skip_adapter(mod, torch.empty(plan["shapes"][f"{name}.{SKIP_ADAPTER}"]))
+        add_skip_adapter(mod, torch.empty(plan["shapes"][f"{name}.{SKIP_ADAPTER}"], dtype=model_dtype(model)))
     for name, shape in plan["shapes"].items():
         module, _, attr = name.rpartition(".")
         key = tied.get(name, [name])[0]
         if key not in made:
-            made[key] = torch.nn.Parameter(torch.empty(shape), requires_grad=False)
+            made[key] = torch.nn.Parameter(torch.empty(shape, dtype=model_dtype(model)), requires_grad=False)
         setattr(model.get_submodule(module), attr, made[key])
     weights = path / plan["weights"]
     if not weights.is_file():

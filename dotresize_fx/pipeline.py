@@ -143,6 +143,7 @@ class WidthPass(PassBase):
                 cal = Calibration()
                 with observing(new, self.analysis, names, cal):
                     runner.run(b)
+                cal.reduce()
                 block_maps = {n: self._map_and_refit(new, n, plan, cal.stats[n], runner, b, dense) for n in names}
                 apply(new, self.analysis, block_maps, inplace=True, finalize=False)
                 maps.update(block_maps)

@@ -53,6 +53,7 @@ def refit_consumer(model, analysis: Analysis, g: WidthGroup, w: WidthMap, runner
             hook.remove()
         _load(block, before)
         runner.forward_s += time.perf_counter() - t0
+    cross.reduce()
     U, lam = ridge_fit(cross.A, cross.B, reg, w.channel_unmerge(g.unit), cross.A_hold, cross.B_hold)
     w.set_channel_unmerge(U, g.unit)
     return w, lam

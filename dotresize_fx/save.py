@@ -76,7 +76,7 @@ def _rebuilds_from_config(model) -> bool:
     from transformers.initialization import no_init_weights
     try:
         with no_init_weights():
-            fresh = type(model)(copy.deepcopy(model.config)).eval()
+            fresh = type(model)(copy.deepcopy(model.config)).eval().to(next(model.parameters()).dtype)
         fresh.load_state_dict(model.state_dict(), strict=True)
     except Exception as e:  # the config refuses these widths, or builds other shapes
         log.warning("not saved as a stock checkpoint (%s); reload with dotresize_fx.load",
@@ -106,7 +106,9 @@ def _plan(model, source: str, stock: bool) -> dict:
             found["config"] = {k: getattr(own, k) for k in MODULE_CONFIG_KEYS if hasattr(own, k)}
         if found:
             attrs[name] = found
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return {"format": FORMAT, "source": str(src.resolve()) if src.exists() else source, "stock": stock,
+            "dtype": str(dtype).removeprefix("torch."),
             "weights": WEIGHTS,
             "shapes": {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
             "tied": _tied(model), "module_attrs": attrs,
