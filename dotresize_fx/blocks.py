@@ -5,11 +5,14 @@ blocks do not chain (`x = x + block(x)` outside them) is one block: the whole mo
 """
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .errors import DotResizeError
 from .families import HIDDEN_STATES_ARG
 from .groups import Analysis, WidthGroup
 from .outputs import main_output, model_outputs
@@ -107,12 +110,12 @@ class BlockRunner:
     later batches stop at block 0 and nothing per block is stored.
     """
 
-    def __init__(self, model: torch.nn.Module, blocks: Blocks, batches):
-        self.model, self.blocks = model, blocks
+    def __init__(self, model: torch.nn.Module, blocks: Blocks, batches, device: str = "cpu"):
+        self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self.forward_s = 0.0
         self.extras: list[list | None] = [None] * len(batches)   # per batch, per block: args without hidden
         if blocks.whole:
-            self.inputs = [(tuple(batch), {}) for batch in batches]
+            self.inputs = [(_to(tuple(batch), self.device), {}) for batch in batches]
             return
         t0 = time.perf_counter()
         first = self._grab(batches[0], every_block=True)
@@ -124,7 +127,22 @@ class BlockRunner:
             seen = self._grab(batch, every_block=self.per_block)
             self.inputs.append(seen[0])
             self.extras[i] = [_without_hidden(*a) for a in seen] if self.per_block else None
+        self.inputs, self.extras = _to(self.inputs, self.device), _to(self.extras, self.device)
         self.forward_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def onloaded(self, b: int):
+        """Block b on the runner's device while it is calibrated and fitted (sequential onloading, as GPTQ and
+        llm-compressor do): the rest of the model stays in CPU memory."""
+        if self.device.type == "cpu":
+            yield
+            return
+        block = self.blocks.modules[b]
+        block.to(self.device)
+        try:
+            yield
+        finally:
+            block.to("cpu")
 
     def _grab(self, batch, every_block: bool) -> list[tuple[tuple, dict]]:
         seen = []
@@ -175,6 +193,28 @@ class BlockRunner:
             args, kwargs = self.inputs[i]
             self.inputs[i] = ((out, *args[1:]), kwargs) if args else (args, {**kwargs, HIDDEN_STATES_ARG: out})
         self.run(b, store)
+
+
+def _to(obj, device: torch.device):
+    """Every tensor in a nest of tuples, lists and dicts, moved to `device`."""
+    if device.type == "cpu":
+        return obj
+    return torch.utils._pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, obj)
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: the first CUDA device when there is one, else the CPU; `cuda[:N]` must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DotResizeError(f"--device {device}: no such CUDA device here "
+                                 f"({torch.cuda.device_count()} visible); use --device cpu or auto")
+        return device
+    raise DotResizeError(f"--device {device!r}: use auto, cpu or cuda[:N]")
 
 
 def _without_hidden(args, kwargs):

@@ -29,7 +29,14 @@ def holdout_rows(n_rows: int) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    """Rows of an activation: float64 on the CPU; on an accelerator float32 there (summed in float64 by `_xty`)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    return x.to(torch.float64) if x.device.type == "cpu" else x.to(torch.float32)
+
+
+def _xty(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """xᵀy of one batch, as a float64 CPU tensor to add to a running sum."""
+    return (x.T @ y).to(device="cpu", dtype=torch.float64)
 
 
 @dataclass
@@ -62,11 +69,11 @@ class Stats:
 
     def add(self, x: torch.Tensor) -> None:
         x = _rows(x)
-        self.gram += x.T @ x
+        self.gram += _xty(x, x)
         self.count += x.shape[0]
         if self.holdout is not None:
-            h = x[holdout_rows(x.shape[0])]
-            self.holdout += h.T @ h
+            h = x[holdout_rows(x.shape[0]).to(x.device)]
+            self.holdout += _xty(h, h)
 
 
 @dataclass
@@ -89,12 +96,12 @@ class CrossStats:
         return self
 
     def add(self, h_new: torch.Tensor, h_ref: torch.Tensor) -> None:
-        h2, h = _rows(h_new), _rows(h_ref)
-        self.A += h2.T @ h2
-        self.B += h2.T @ h
-        hold = holdout_rows(h.shape[0])
-        self.A_hold += h2[hold].T @ h2[hold]
-        self.B_hold += h2[hold].T @ h[hold]
+        h2, h = _rows(h_new), _rows(h_ref).to(h_new.device)
+        self.A += _xty(h2, h2)
+        self.B += _xty(h2, h)
+        hold = holdout_rows(h.shape[0]).to(h2.device)
+        self.A_hold += _xty(h2[hold], h2[hold])
+        self.B_hold += _xty(h2[hold], h[hold])
 
 
 @dataclass

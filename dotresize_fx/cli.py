@@ -112,7 +112,7 @@ def cmd_compress(args) -> dict:
         specs = [PassSpec(args.method, options)]
     job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
               eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx,
-              opset=args.opset, dtype=args.dtype)
+              opset=args.opset, dtype=args.dtype, device=args.device)
     report = public(run(job))
     if dist.is_main():
         _print_summary(report)
@@ -179,7 +179,7 @@ def _print_summary(r: dict) -> None:
         print(line)
     if r.get("quantized"):
         q = r["quantized"]
-        line = (f"int8 {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
+        line = (f"{q['scheme']} {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
                 f"{q['size_mb_before']:.1f} MB -> {q['size_mb_after']:.1f} MB")
         if "ppl_ort" in q:
             line += f", perplexity ORT {q['ppl_ort']:.3f}"
@@ -200,6 +200,36 @@ def cmd_export(args) -> dict:
     print(f"wrote {path}; max |logits ORT - torch| {result['max_abs_diff']:.2g} on the example inputs")
     check(result)
     return result
+
+
+def cmd_generate(args) -> dict:
+    from .generate import generate
+    from .load import load
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise DotResizeError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise DotResizeError(f"--prompt-ids {args.prompt_ids!r}: give token ids separated by commas") from None
+    else:
+        tokenizer = load(args.model).tokenizer
+        if tokenizer is None:
+            raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
+        ids = tokenizer(args.prompt)["input_ids"]
+    r = generate(args.model, ids, args.max_new_tokens, onnx_file=args.onnx_file)
+    for side in ("torch", "ort"):
+        s = r[side]
+        text = r.get(f"{side}_text", r[f"{side}_tokens"])
+        print(f"{side:<6} {s['prefill_tokens_per_s']:8.1f} tok/s prefill, {s['decode_tokens_per_s']:7.1f} tok/s "
+              f"decode: {text!r}")
+    print(f"same greedy tokens under onnxruntime and torch: {r['same_tokens']}"
+          + (f"; cached step vs full sequence max |d logits| {r['cache_max_abs_diff']:.2g}"
+             if r["cache_max_abs_diff"] is not None else "")
+          + "; the ONNX file has no KV cache yet (each step reruns the prefix)")
+    if not r["same_tokens"] and args.onnx_file == "model.onnx":   # quantized files are lossy by design
+        raise DotResizeError("onnxruntime and torch generated different tokens: the ONNX file is not faithful")
+    return r
 
 
 # MLP 1536→1344 (−9.4% non-embedding): larger cuts leave the onnxruntime speed-up too close to (−14.1%) or beyond
@@ -323,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weights' dtype through the job and in the output (auto: the checkpoint's own; "
                         "statistics and maps are float64 whatever it is)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: where each block is calibrated and "
+                   "fitted, one at a time (the rest of the model stays in CPU memory); auto: CUDA when present")
     p.add_argument("--seed", type=int, default=0)
     _add_eval_protocol(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -331,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_opset(p)
     p.add_argument("--json", help="write the report here too")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("generate", help="greedy decoding of a compress output under torch and onnxruntime")
+    p.add_argument("model", help="a compress --onnx output directory")
+    p.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    p.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3 (models without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--onnx-file", default="model.onnx", help="the ONNX file in the directory (e.g. model.int4.onnx)")
+    p.add_argument("--json", help="write the record here")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export a model (e.g. a compressed directory) to ONNX and check parity")
     p.add_argument("model")

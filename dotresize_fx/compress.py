@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import data, dist
 from .analyze import analyze
+from .blocks import resolve_device
 from .capture import capture
 from .errors import DotResizeError
 from .evaluate import parameter_counts, perplexity
@@ -117,6 +118,7 @@ class Job:
     opset: int = OPSET
     layerwise: bool = True
     dtype: str = "auto"          # weights' dtype through the job and in the output (auto: the checkpoint's own)
+    device: str = "auto"         # where each block is calibrated and fitted (auto: CUDA when there is one)
 
 
 def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> dict:
@@ -137,6 +139,7 @@ def run(job: Job) -> dict:
     onnx = job.onnx or bool(quantize)
     if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
+    device = resolve_device(job.device)
     main = dist.is_main()        # a data-parallel run: every rank calibrates its share, rank 0 evaluates and writes
     out, onnx, evaluate = (job.out, onnx, job.evaluate) if main else (None, False, False)
     t_start = time.perf_counter()
@@ -161,7 +164,8 @@ def run(job: Job) -> dict:
     from passes import WIDTH_PASSES
     for i, (spec, config) in enumerate(zip(specs, configs)):
         bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
-        the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise)
+        the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
+                                             device)
         try:
             with resized_forward(spec.method, analysis, config.targets):
                 result = the_pass(current)
@@ -188,7 +192,7 @@ def run(job: Job) -> dict:
         "protocol": {**provenance, "seq_len": job.seq_len, "eval_tokens": ppl_after and ppl_after["tokens"],
                      "calib_samples": job.calib_samples, "seed": job.seed, "bos": True},
         "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "dtype": str(model_dtype(current)).removeprefix("torch."), "ranks": dist.world_size(),
+        "dtype": str(model_dtype(current)).removeprefix("torch."), "ranks": dist.world_size(), "device": device,
     }
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing

@@ -8,6 +8,7 @@ produce (DESIGN §5.6). A model whose blocks do not chain is one block.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -43,14 +44,15 @@ class WidthPass(PassBase):
     name = "width"
     Config: type
 
-    def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True):
+    def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True,
+                 device: str = "cpu"):
         super().__init__()
         if not batches:
             raise DotResizeError(f"{self.name}: calibration batches are needed (tuples of model inputs); "
                                  "give data (--data, or batches=[...])")
         self.config, self.targets = config, config.targets
         self.analysis, self.probe, self.batches = analysis, probe, batches
-        self.progress, self.layerwise = progress, layerwise
+        self.progress, self.layerwise, self.device = progress, layerwise, device
         self.report: dict = {}
 
     def group_map(self, model: torch.nn.Module, g: WidthGroup, m: int, kv_after: int | None,
@@ -135,21 +137,23 @@ class WidthPass(PassBase):
                   if self.analysis.group(n).kind != "residual"}
         inside = {n: b for n, b in inside.items() if b is not None}
         maps: dict[str, WidthMap] = {}
-        runner = BlockRunner(new, order, self.batches)
+        runner = BlockRunner(new, order, self.batches, self.device)
         dense = self._dense_runner(model, order, inside)
         for b in range(len(order.modules)):
             names = [n for n, blk in inside.items() if blk == b]
-            if names:
-                cal = Calibration()
-                with observing(new, self.analysis, names, cal):
-                    runner.run(b)
-                cal.reduce()
-                block_maps = {n: self._map_and_refit(new, n, plan, cal.stats[n], runner, b, dense) for n in names}
-                apply(new, self.analysis, block_maps, inplace=True, finalize=False)
-                maps.update(block_maps)
-            runner.advance(b)
-            if dense is not None:
-                dense[1].advance(b)
+            with runner.onloaded(b), (dense[1].onloaded(b) if dense else contextlib.nullcontext()):
+                if names:
+                    cal = Calibration()
+                    with observing(new, self.analysis, names, cal):
+                        runner.run(b)
+                    cal.reduce()
+                    block_maps = {n: self._map_and_refit(new, n, plan, cal.stats[n], runner, b, dense)
+                                  for n in names}
+                    apply(new, self.analysis, block_maps, inplace=True, finalize=False)
+                    maps.update(block_maps)
+                runner.advance(b)
+                if dense is not None:
+                    dense[1].advance(b)
             if self.progress:
                 self.progress(b + 1, len(order.modules))
         self._count_forward(runner.forward_s + (dense[1].forward_s if dense else 0.0))
@@ -172,4 +176,4 @@ class WidthPass(PassBase):
                 self.refits(self.analysis.group(n)) for n in inside):
             return None
         dense_order = Blocks(order.prefix, list(model.get_submodule(order.prefix)) if order.prefix else [model])
-        return model, BlockRunner(model, dense_order, self.batches)
+        return model, BlockRunner(model, dense_order, self.batches, self.device)

@@ -73,7 +73,7 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
                 raise DotResizeError(f"overlapping segments on one parameter dim ({off} < {pos})")
             if off > pos:
                 pieces.append(P.narrow(dim, pos, off - pos))
-            chunk = P.narrow(dim, off, length).movedim(dim, -1) @ A.to(P.dtype)
+            chunk = P.narrow(dim, off, length).movedim(dim, -1) @ A.to(device=P.device, dtype=P.dtype)
             pieces.append(chunk.movedim(-1, dim))
             pos = off + length
         if pos < P.shape[dim]:
@@ -89,6 +89,6 @@ def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
     for m in group.consumers():
         if (m.length or n_ch) != n_ch:
             continue
-        W = site_tensor(model, *owner(model, m)).movedim(m.dim, -1)
+        W = site_tensor(model, *owner(model, m)).cpu().movedim(m.dim, -1)
         total += W.reshape(-1, n_ch).pow(2).sum(0)
     return total.sqrt()

@@ -95,3 +95,21 @@ def test_latency_bound_is_the_parameter_ratio_plus_slack():
     met = latency_bound({"latency_ratio": 0.93, "flops_ratio": 0.93}, 0.906)
     assert met["latency_within_bound"] and met["latency_bound"] == pytest.approx(0.906 + LATENCY_SLACK)
     assert not latency_bound({"latency_ratio": 0.88, "flops_ratio": 0.87}, 0.81)["latency_within_bound"]
+
+
+def test_int4_weights_and_greedy_generation_match_torch(tmp_path):
+    """quantize:int4 writes MatMulNBits nodes; greedy tokens of the float ONNX equal torch's, and torch's cached
+    step gives the full-sequence logits."""
+    import json
+    from dotresize_fx.cli import main
+    out = tmp_path / "o"
+    assert main(["compress", f"{models.__file__}:llama", "--passes", "prune:mlp=0.25 quantize:int4,block_size=32",
+                 "--data", "random", "--calib-samples", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantized"]
+    assert q["scheme"] == "int4" and q["quantized_nodes"] == q["matmul_nodes"] > 0
+    assert q["size_mb_after"] < 0.7 * q["size_mb_before"]   # the float embedding (a Gather) stays
+    assert main(["generate", str(out), "--prompt-ids", "5,9,2,7", "--max-new-tokens", "6", "--json",
+                 str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["same_tokens"] and len(g["torch_tokens"]) == 6 and g["cache_max_abs_diff"] < 1e-4
