@@ -65,6 +65,7 @@ class Walker:
         self.heads: list[tuple[int, int]] = []       # (q head atom, head_dim atom)
         self.head_dims: list[int] = []               # head_dim atoms of attention (q/k's and v/o's)
         self.equal_splits: list[tuple[torch.fx.Node, list[int]]] = []  # chunk / split(int): (node, part atoms)
+        self.unbound: list[int] = []                 # dims unbound into separate tensors (qkv's 3)
 
     # -- helpers the rules use ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:

@@ -47,7 +47,7 @@ def block_list(model: torch.nn.Module, analysis: Analysis, batch: tuple) -> tupl
     """The ModuleList whose entries hold the most width groups, if its blocks chain (output l = input l+1)."""
     best, count = None, 0
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) >= 2:
+        if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) >= 2:
             n = sum(block_of(g, name) is not None for g in analysis.groups)
             if n > count:
                 best, count = (name, mod), n

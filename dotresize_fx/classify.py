@@ -5,6 +5,7 @@ producers and read through norms), `mlp` (a width between linear layers only), `
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -25,6 +26,7 @@ def build_groups(w) -> list[WidthGroup]:
     s = w.s
     head_keys = {s.leaves(h)[0] for h, _ in w.heads}
     head_dims = {s.find(d) for d in w.head_dims}
+    unbound = {s.find(u) for u in w.unbound}
     by_key: dict[int, list[tuple[Member, list[int]]]] = defaultdict(list)
     head_wide: list[tuple[Member, list[int]]] = []
     params = set(w.c.program.graph_signature.inputs_to_parameters.values())
@@ -33,7 +35,7 @@ def build_groups(w) -> list[WidthGroup]:
             roles = w.uses.get((fqn, d))
             if not roles:
                 continue  # e.g. the unused alias of a tied weight
-            for offset, length, leaves in _resolve(s, a, head_dims):
+            for offset, length, leaves in _resolve(s, a, head_dims, unbound):
                 key = leaves[0]
                 if not s.static(key) or (fqn not in params and key not in by_key and key not in head_dims):
                     continue  # buffers only join groups that parameters define (BN stats, not RoPE tables)
@@ -80,16 +82,20 @@ def _head_wide_role(role: str) -> str:
     return role if role in ("producer", "consumer") else "shared"
 
 
-def _resolve(s, a: int, stop: set[int], offset: int = 0) -> list[tuple[int, int, list[int]]]:
+def _resolve(s, a: int, stop: set[int], unbound: set[int], offset: int = 0) -> list[tuple[int, int, list[int]]]:
     """(offset, length, leaves) of the spaces a dim is made of: its segments (fused qkv), unless factored or a
     head_dim (whose rotary halves are not separate widths)."""
     r = s.find(a)
     if r in s.segments and r not in s.factors and r not in stop:
         out = []
         for off, ln, child in sorted(s.segments[r]):
-            out.extend(_resolve(s, child, stop, offset + off))
+            out.extend(_resolve(s, child, stop, unbound, offset + off))
         return out
-    return [(offset, s.size[r] or 0, s.leaves(r))]
+    leaves = s.leaves(r)
+    if len(leaves) > 1 and leaves[0] in unbound:   # (3, heads, head_dim) unbound: q ‖ k ‖ v segments
+        part = math.prod(s.size[l] for l in leaves[1:])
+        return [(offset + i * part, part, leaves[1:]) for i in range(s.size[leaves[0]])]
+    return [(offset, s.size[r] or 0, leaves)]
 
 
 def _unique_roles(roles):
@@ -189,7 +195,7 @@ def _mark_norm_readers(w, g: WidthGroup) -> None:
             if mod in g.norms:
                 m.reads = mod
                 break
-            if packet(x.target) not in SAME_SHAPE | RESHAPE | {aten.slice}:  # slice: logits_to_keep
+            if packet(x.target) not in SAME_SHAPE | RESHAPE | {aten.slice, aten.select}:  # logits_to_keep, cls token
                 break
             x = x.args[0]
 

@@ -55,10 +55,13 @@ def _varies(node, i: int, ndim: int) -> bool:
 def pointwise(w, n, out) -> None:
     operands = [a for a in n.all_input_nodes if isinstance(val(a), torch.Tensor)]
     w.broadcast(out, operands)
-    for o in operands:
-        for d in range(len(w.dims(o))):
-            w.use(o, d, "passthrough", n, "pointwise")
     op = packet(n.target)
+    adding = op in (aten.add, aten.add_) and len(operands) > 1
+    for o in operands:
+        # a parameter added into an activation (a position table, a bias) writes its values: a producer
+        role = "producer" if adding and tuple(val(o).shape) != tuple(val(n).shape) else "passthrough"
+        for d in range(len(w.dims(o))):
+            w.use(o, d, role, n, "pointwise")
     if op in ADDITIVE:
         return
     for i, atom in enumerate(out):
@@ -132,9 +135,13 @@ def _record_constants(w, n, out) -> None:
 
 @rule(aten.expand)
 def expand(w, n, out) -> None:
-    sd = w.dims(n.args[0])
+    src = n.args[0]
+    sd = w.dims(src)
     for i in range(1, len(sd) + 1):
         w.s.join(sd[-i], out[-i])
+    if src.name in w.origin:   # a broadcast parameter (a class token expanded over the batch) is still it
+        fqn, pd = w.origin[src.name]
+        w.origin[n.name] = (fqn, [None] * (len(out) - len(pd)) + pd)
     _record_constants(w, n, out)
 
 
@@ -209,6 +216,14 @@ def conv(w, n, out) -> None:
         w.s.join(out[1], wd[0])
         w.use(wt, 1, "consumer", n, "conv")
         w.use(wt, 0, "producer", n, "conv")
+    elif val(wt).shape[1] == 1 and val(wt).shape[0] == groups:   # depthwise: each channel its own filter
+        w.join_all([xd[1], out[1]], [wd[0], wd[0]])
+        w.use(wt, 0, "passthrough", n, "depthwise")
+        w.channelwise.append((out[1], "depthwise convolution", w.module(n)))
+        if isinstance(b, torch.fx.Node):
+            w.s.join(w.dims(b)[0], out[1])
+            w.use(b, 0, "passthrough", n, "depthwise")
+        return
     else:
         reason = f"grouped convolution (groups={groups}, module {w.module(n)})"
         for a in (xd[1], out[1], wd[0]):
@@ -286,6 +301,39 @@ def split(w, n, out_unused) -> None:
         w.equal_splits.append((n, [o[dim] for o in outs]))
 
 
+@rule(aten.select)
+def select(w, n, out) -> None:
+    """One index along a dim (a class token, the last position): the other dims pass; that dim is pinned if
+    it carries a width."""
+    xd = w.dims(n.args[0])
+    dim = n.args[1] % len(xd)
+    w.join_all([a for i, a in enumerate(xd) if i != dim], out)
+    w.s.pin(xd[dim], f"one index selected along this width (aten.select in {w.module(n) or '<root>'})")
+
+
+@rule(aten.unbind)
+def unbind(w, n, out_unused) -> None:
+    """Unbinding a dim (timm's qkv.unbind(0) over the (3, heads, head_dim) factorisation of a fused qkv): each
+    output is one slice, so that dim, as an outer factor of a width, is a set of segments (`classify`)."""
+    xd = w.dims(n.args[0])
+    dim = (n.args[1] if len(n.args) > 1 else 0) % len(xd)
+    for o in w.tuple_dims(n):
+        w.join_all([a for i, a in enumerate(xd) if i != dim], o)
+    w.unbound.append(xd[dim])
+
+
+@rule(aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d,
+      aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d)
+def pool(w, n, out) -> None:
+    """Pooling over positions: batch and channels pass through; every channel is pooled alone."""
+    xd = w.dims(n.args[0])
+    first = out if out else w.tuple_dims(n)[0]
+    w.join_all(xd[:2], first[:2])
+    if packet(n.target) not in (aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d,
+                                aten.adaptive_avg_pool1d, aten.avg_pool1d):
+        w.channelwise.append((first[1], packet(n.target).__name__, w.module(n)))
+
+
 @rule(aten.slice)
 def slice_(w, n, out) -> None:
     xd = w.dims(n.args[0])
@@ -319,6 +367,7 @@ def cat(w, n, out) -> None:
         for i, a in enumerate(w.dims(p)):
             if i != dim:
                 w.s.join(a, out[i])
+                w.use(p, i, "producer", n, "concat")   # a parameter concatenated in (a class token) writes rows
     reason = f"concatenated along this width (aten.cat in {w.module(n) or '<root>'}, e.g. rotary halves)"
     w.s.pin(out[dim], reason)
     for p in parts:

@@ -1,0 +1,207 @@
+"""Vision and speech models written the way their authors write them (timm, torchvision, ConvNeXt, Whisper), tiny.
+
+Each builder returns (model, example_inputs). torchvision and timm do not import beside this project's CPU torch,
+so the layouts are reproduced here: fused qkv reshaped to (3, heads, head_dim) and unbound, class tokens, layer
+scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with depthwise convs.
+"""
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """timm's ViT attention."""
+    def __init__(self, dim, num_heads=4, qk_norm=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init=1e-1):
+        super().__init__()
+        self.gamma = nn.Parameter(init * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, qk_norm=False, layer_scale=True):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img=16, patch=4, dim=32, depth=2, heads=4, classes=10, qk_norm=False, layer_scale=True):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim).normal_(std=0.02))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img // patch) ** 2 + 1, dim).normal_(std=0.02))
+        self.blocks = nn.Sequential(*[Block(dim, heads, qk_norm, layer_scale) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _images(batch=2, size=16):
+    return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
+def vit():
+    torch.manual_seed(0)
+    return VisionTransformer().eval(), _images()
+
+
+def vit_qk_norm():
+    torch.manual_seed(0)
+    return VisionTransformer(qk_norm=True, layer_scale=False).eval(), _images()
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock."""
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(planes), nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths=(16, 32), classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        layers, inplanes = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and inplanes == w else nn.Sequential(
+                nn.Conv2d(inplanes, w, 1, stride, bias=False), nn.BatchNorm2d(w))
+            layers.append(nn.Sequential(BasicBlock(inplanes, w, stride, down), BasicBlock(w, w)))
+            inplanes = w
+        self.layer1, self.layer2 = layers
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(inplanes, classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def resnet():
+    torch.manual_seed(0)
+    return _randomise_bn(ResNet()).eval(), _images()
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: 7×7 depthwise conv, channels-last LayerNorm, Linear MLP, layer scale."""
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm, self.pwconv1 = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim)
+        self.act, self.pwconv2 = nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-1 * torch.ones(dim))
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, dim=16, depth=2, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.stages = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(x.mean((-2, -1))))
+
+
+def convnext():
+    torch.manual_seed(0)
+    return ConvNeXt().eval(), _images()
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2: 1×1 expand, 3×3 depthwise, 1×1 project."""
+    def __init__(self, c, expand=4):
+        super().__init__()
+        h = c * expand
+        self.conv = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(inplace=True),
+                                  nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                  nn.ReLU6(inplace=True), nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True))
+        self.blocks = nn.Sequential(InvertedResidual(c), InvertedResidual(c))
+        self.classifier = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.classifier(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def mobilenet():
+    torch.manual_seed(0)
+    return _randomise_bn(MobileNetV2()).eval(), _images()
