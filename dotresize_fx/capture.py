@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, check: bool = True
     # token ids: batch and sequence may vary; other inputs (images, patches): only the batch
     dims = tuple({d: torch.export.Dim.AUTO for d in range(min(t.dim(), 1 if t.is_floating_point() else 2))}
                  for t in example_inputs)
+    if _takes_var_positional(model):   # forward(*args), e.g. an unflattened program: the shapes of `args`
+        dims = (dims,)
     try:
         with torch.no_grad(), _lean_tracing():
             program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
@@ -61,6 +64,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, check: bool = True
     if check:
         check_capture(model, captured, example_inputs)
     return captured
+
+
+def _takes_var_positional(model: torch.nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 @contextlib.contextmanager

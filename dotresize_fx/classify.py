@@ -126,11 +126,7 @@ def _group(w, key: int, entries: list[tuple[Member, list[int]]], is_heads: bool)
     elif {m.via for m in members if m.role in ("producer", "consumer")} == {"linear"} and not reasons \
             and g.consumers():
         g.kind = "mlp"
-    for atom, c in w.constants:
-        leaves = s.leaves(atom)
-        if leaves and leaves[0] == key:
-            c.factor = c.value // g.size if g.size else 1
-            g.constants.append(c)
+    _constants(w, g, key, entries)
     reasons += _unequal_parts(w, key)
     if not g.producers() and not g.consumers():
         reasons.append("no producer or consumer parameter")
@@ -140,6 +136,21 @@ def _group(w, key: int, entries: list[tuple[Member, list[int]]], is_heads: bool)
     g.resizable = not reasons
     g.reason = "; ".join(dict.fromkeys(reasons))
     return g
+
+
+def _constants(w, g: WidthGroup, key: int, entries) -> None:
+    """The graph literals that encode this width, with what they count: for GQA a literal whose space lacks
+    the q-heads-per-kv factor counts kv heads."""
+    longest = max((leaves for _, leaves in entries), key=len, default=[])
+    rep = longest[1] if g.kind == "heads" and g.kv_heads not in (g.size, 1) and len(longest) > 2 else None
+    for atom, c in w.constants:
+        leaves = w.s.leaves(atom)
+        if leaves and leaves[0] == key:
+            c.per = "kv" if rep is not None and w.s.find(rep) not in {w.s.find(l) for l in leaves} else "units"
+            count = g.kv_heads if c.per == "kv" else g.size
+            c.factor = c.value // count if count else 1
+            c.module = w.module(next(n for n in w.c.graph.nodes if n.name == c.node))
+            g.constants.append(c)
 
 
 def _unequal_parts(w, key: int) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, dist
+from . import data, dist, program
 from .analyze import analyze
 from .blocks import resolve_device
 from .capture import capture
@@ -159,7 +159,8 @@ def run(job: Job) -> dict:
     before = parameter_counts(model)
     ppl_before = _ppl(model, eval_windows, job) if evaluate else None
 
-    current, pass_reports = model, []
+    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] for k in c.targets.asked()})
+    current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     t = time.perf_counter()
     from passes import WIDTH_PASSES
     for i, (spec, config) in enumerate(zip(specs, configs)):
@@ -176,6 +177,8 @@ def run(job: Job) -> dict:
                              "options": spec.options, **the_pass.report})
         if i + 1 < len(specs):
             analysis = analyze(current, inputs)
+            if path == "program":
+                current = program.as_module(analysis)
     timing["compress_s"] = time.perf_counter() - t
     timing["calib_forward_s"] = sum(r.get("calib_forward_s", 0.0) for r in pass_reports)
     with resized_forward("the rewrite", analysis, None):
@@ -189,6 +192,7 @@ def run(job: Job) -> dict:
         "nonembed_reduction": 1 - after["non_embedding"] / before["non_embedding"],
         "ppl_before": ppl_before and ppl_before["ppl"], "ppl_after": ppl_after and ppl_after["ppl"],
         "widths": _widths(pass_reports), "graph_check_max_abs_diff": graph_diff,
+        "rewrite_path": path, "rewrite_path_reason": path_reason,
         "protocol": {**provenance, "seq_len": job.seq_len, "eval_tokens": ppl_after and ppl_after["tokens"],
                      "calib_samples": job.calib_samples, "seed": job.seed, "bos": True},
         "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
@@ -200,8 +204,8 @@ def run(job: Job) -> dict:
     report["_model"], report["_tokenizer"], report["_eval_windows"] = current, tokenizer, eval_windows
     if out:
         stock = all(r.get("stock", True) for r in pass_reports)
-        save(current, out, source=job.model, tokenizer=tokenizer, stock=stock,
-             report=public(report), overwrite=job.overwrite)
+        save(current, out, source=job.model, tokenizer=tokenizer, stock=stock, report=public(report),
+             overwrite=job.overwrite, program_inputs=inputs if path == "program" else None)
         report["out"] = out
         if onnx:
             _export_and_validate(job, report, current, model, inputs, eval_windows,

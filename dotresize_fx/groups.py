@@ -29,12 +29,17 @@ class Member:
 
 @dataclass
 class Constant:
-    """A literal in the graph that encodes the group's size (a view/expand argument)."""
+    """A literal in the graph that encodes the group's size: a view/expand size, a split size."""
     node: str
     arg: int
-    index: int
+    index: int               # position in the argument's list, or -1 when the argument is the number itself
     value: int
-    factor: int              # value = group size × factor (e.g. factor = head_dim for a merged heads×head_dim)
+    factor: int              # value = count × factor (e.g. factor = head_dim for a merged heads × head_dim)
+    per: str = "units"       # the count: the group's units (q heads, channels) or, for GQA, its "kv" heads
+    module: str = ""         # the module whose graph holds the node
+
+    def resized(self, units: int, kv: int | None) -> int:
+        return (kv if self.per == "kv" else units) * self.factor
 
 
 @dataclass

@@ -168,6 +168,8 @@ def load_compressed(path: str | Path):
                              "dotresize_fx output; compress again") from e
     if plan.get("format") != FORMAT:
         raise DotResizeError(f"{path / PLAN_FILE} has format {plan.get('format')}, this version reads {FORMAT}")
+    if plan.get("path") == "program":
+        return _load_program_dir(path, plan)
     source = load(plan["source"], plan.get("dtype", "auto"))
     model = source.model
     tied = {n: group for group in plan["tied"] for n in group}
@@ -213,6 +215,28 @@ def load_compressed(path: str | Path):
                 setattr(config, key, value)
     tokenizer = source.tokenizer
     return Loaded(model.eval(), tokenizer, source.example_inputs)
+
+
+def _load_program_dir(path: Path, plan: dict) -> Loaded:
+    """A resized program: `torch.export.load`, with the source's example inputs and tokenizer."""
+    from .program import load_program
+    weights = path / plan["weights"]
+    if not weights.is_file():
+        raise DotResizeError(f"{weights} is missing: the directory is incomplete; compress again")
+    try:
+        model = load_program(weights)
+    except Exception as e:
+        raise DotResizeError(f"{weights} is corrupt or unreadable ({type(e).__name__}: {e}); compress again") from e
+    source = load(plan["source"])
+    tokenizer = AutoTokenizerOrNone(path) or source.tokenizer
+    return Loaded(model, tokenizer, source.example_inputs)
+
+
+def AutoTokenizerOrNone(path: Path):
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _buffers(model) -> set[str]:

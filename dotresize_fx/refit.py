@@ -18,6 +18,7 @@ from .calibrate import CrossStats, observe_consumer
 from .fit import ridge_fit
 from .groups import Analysis, WidthGroup
 from .maps import WidthMap
+from .program import graphs
 from .rewrite import apply
 
 
@@ -62,12 +63,17 @@ def refit_consumer(model, analysis: Analysis, g: WidthGroup, w: WidthMap, runner
 _OWNED = ("_parameters", "_buffers", "_modules")   # dicts a trial `apply` changes in place; hooks stay shared
 
 
-def _state(block: torch.nn.Module) -> list[tuple[torch.nn.Module, dict]]:
-    """Every module's attributes, with its parameter, buffer and submodule dicts copied."""
-    return [(m, {k: copy.copy(v) if k in _OWNED else v for k, v in vars(m).items()}) for m in block.modules()]
+def _state(block: torch.nn.Module):
+    """Every module's attributes, with its parameter, buffer and submodule dicts copied, and the arguments of
+    every node of a program's graphs (a trial patches their literals)."""
+    modules = [(m, {k: copy.copy(v) if k in _OWNED else v for k, v in vars(m).items()}) for m in block.modules()]
+    return modules, [(n, n.args) for graph in graphs(block) for n in graph.nodes]
 
 
 def _load(block, state) -> None:
-    for m, attrs in state:
+    modules, args = state
+    for m, attrs in modules:
         vars(m).clear()
         vars(m).update({k: copy.copy(v) if k in _OWNED else v for k, v in attrs.items()})
+    for node, a in args:
+        node.args = a

@@ -17,6 +17,7 @@ from . import families
 from .errors import DotResizeError
 from .groups import Analysis, WidthGroup
 from .maps import WidthMap
+from .program import patch_constants
 from .residual import SKIP_ADAPTER, residual_ops
 from .sites import linear_ops, site_tensor, transform
 
@@ -59,6 +60,7 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
         dtype = getattr(mod, attr).dtype
         setattr(mod, attr, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
     report.untied = _untied(model, ids_before)
+    report.notes += [f"graph literal {p}" for p in patch_constants(model, analysis, maps)]
     _update_module_attrs(model, analysis, maps)
     if finalize:
         _finalize_config(model, analysis, maps, report)

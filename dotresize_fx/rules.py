@@ -245,6 +245,11 @@ def layer_norm(w, n, out) -> None:
     w.reductions.append((out[-1], packet(n.target).__name__, w.module(n)))
     if centring:
         w.centring.add(w.module(n))
+    shape = n.args[1]   # normalized_shape: the trailing widths as literals
+    for i, v in enumerate(shape):
+        d = len(out) - len(shape) + i
+        if isinstance(v, int) and v > 1 and w.s.size[out[d]] == v:
+            w.constants.append((out[d], Constant(n.name, 1, i, v, 1)))
 
 
 @rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional)
@@ -299,6 +304,12 @@ def split(w, n, out_unused) -> None:
             offset += length
     if packet(n.target) is aten.chunk or isinstance(n.args[1], int):  # equal parts: the input width decides
         w.equal_splits.append((n, [o[dim] for o in outs]))
+    if packet(n.target) is not aten.chunk and isinstance(n.args[1], int) and outs and w.s.static(outs[0][dim]):
+        w.constants.append((outs[0][dim], Constant(n.name, 1, -1, n.args[1], 1)))   # split(x.size(-1)): a literal
+    elif isinstance(n.args[1], (list, tuple)):
+        for i, (o, size) in enumerate(zip(outs, n.args[1])):
+            if isinstance(size, int) and w.s.static(o[dim]):
+                w.constants.append((o[dim], Constant(n.name, 1, i, size, 1)))
 
 
 @rule(aten.select)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "resize_plan.json"
 WEIGHTS = "model.safetensors"
+PROGRAM = "model.pt2"     # a resized program: torch.export.save, weights and graph, no pickled code
 BUFFERS = "buffers.safetensors"  # non-persistent buffers: not in a state dict, but part of the function
 FORMAT = 1
 
@@ -42,9 +43,12 @@ def check_output_dir(out: Path, source: str, overwrite: bool) -> None:
 
 
 def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None, stock: bool = False,
-         report: dict | None = None, overwrite: bool = False) -> Path:
+         report: dict | None = None, overwrite: bool = False, program_inputs: tuple | None = None) -> Path:
+    """`program_inputs`: the model is a resized program (`program.as_module`): saved as `model.pt2`."""
     out = Path(out)
     check_output_dir(out, source, overwrite)
+    if program_inputs is not None:
+        return _save_program(model, out, source, tokenizer, report, overwrite, program_inputs)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         stock = stock and hasattr(model, "save_pretrained") and _rebuilds_from_config(model)
         if stock:
@@ -61,6 +65,22 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(json.dumps(_plan(model, source, stock), indent=1))
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return out
+
+
+def _save_program(model, out: Path, source: str, tokenizer, report, overwrite: bool, inputs: tuple) -> Path:
+    from .program import save_program
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_program(model, inputs, tmp / PROGRAM)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        src = Path(source)
+        plan = {"format": FORMAT, "path": "program", "source": str(src.resolve()) if src.exists() else source,
+                "weights": PROGRAM, "stock": False,
+                "shapes": {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}}
+        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1))
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return out

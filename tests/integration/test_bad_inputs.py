@@ -82,7 +82,9 @@ def test_corrupt_weights(tmp_path, capsys):
     assert main(["compress", f"{MODELS}:nanogpt", "--method", "prune", "--mlp", "0.5", "--data", "random",
                  "--calib-samples", "2", "--out", str(src)]) == 0
     capsys.readouterr()
-    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    import json
+    weights = json.loads((src / "resize_plan.json").read_text())["weights"]     # model.pt2: a program
+    (src / weights).write_bytes(b"not a weights file")
     _fails_with(_compress(str(src), tmp_path, "--method", "prune", "--mlp", "0.25"), capsys, "corrupt",
                 "compress again", out=tmp_path / "out")
 

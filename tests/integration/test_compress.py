@@ -159,10 +159,17 @@ def test_channelwise_stream_refuses_merges_but_prunes(tmp_path):
     assert report["widths"]["residual.0"] == 24
 
 
-def test_width_derived_from_a_shape_in_forward_is_a_clear_error(tmp_path):
-    """nanoGPT splits qkv by x.size(-1): its residual cannot shrink without its heads; say so, do not crash."""
-    with pytest.raises(DotResizeError, match="no longer runs"):
-        run(_job("nanogpt", "prune:residual=0.25", tmp_path))
+def test_widths_derived_from_shapes_in_forward_resize_as_a_program(tmp_path):
+    """nanoGPT splits qkv by x.size(-1) and views by n_head: its eager forward cannot run with a narrower
+    residual or fewer heads, its captured program can (the graph literals are patched); saved as model.pt2."""
+    report = run(_job("nanogpt", "prune:residual=0.25,heads=0.5", tmp_path))
+    assert report["rewrite_path"] == "program" and report["widths"]["residual.0"] == 24
+    assert (tmp_path / "out" / "model.pt2").is_file() and not (tmp_path / "out" / "model.safetensors").exists()
+    ids = models._ids()[0]
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "out").model(ids), report["_model"](ids))
+        assert torch.equal(torch.export.load(str(tmp_path / "out" / "model.pt2")).module()(ids),
+                           report["_model"](ids))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "phi3", "gemma", "qwen2", "mistral"])
