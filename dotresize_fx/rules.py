@@ -208,7 +208,8 @@ def embedding(w, n, out) -> None:
 def conv(w, n, out) -> None:
     x, wt = n.args[0], n.args[1]
     b = n.args[2] if len(n.args) > 2 else None
-    groups = n.args[6] if len(n.args) > 6 else (n.args[8] if len(n.args) > 8 else 1)
+    g_arg = 8 if packet(n.target) is aten.convolution else 6
+    groups = n.args[g_arg] if len(n.args) > g_arg else 1
     xd, wd = w.dims(x), w.dims(wt)
     w.s.join(out[0], xd[0])
     if groups == 1:
@@ -220,6 +221,7 @@ def conv(w, n, out) -> None:
         w.join_all([xd[1], out[1]], [wd[0], wd[0]])
         w.use(wt, 0, "passthrough", n, "depthwise")
         w.channelwise.append((out[1], "depthwise convolution", w.module(n)))
+        w.constants.append((out[1], Constant(n.name, g_arg, -1, groups, 1)))   # groups = channels
         if isinstance(b, torch.fx.Node):
             w.s.join(w.dims(b)[0], out[1])
             w.use(b, 0, "passthrough", n, "depthwise")

@@ -1,7 +1,8 @@
 """Compress an nn.Module that is not a Hugging Face model, given as a factory `file.py:func`.
 
 The analysis finds its groups from the graph (residual stream, MLP hidden widths); DOTResize merges them;
-the result is saved as safetensors + a resize plan and reloaded with `dotresize_fx.load(dir)`.
+the model is resized as its captured program (its code is never touched), saved as `model.pt2` with a
+resize plan and reloaded with `dotresize_fx.load(dir)`.
 
     python examples/compress_custom_module.py --out /tmp/audio
 """

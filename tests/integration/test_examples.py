@@ -16,7 +16,7 @@ def _main(name):
     return module.main
 
 
-@pytest.mark.parametrize("name", ["compress_hf", "compress_custom_module"])
+@pytest.mark.parametrize("name", ["compress_hf", "compress_custom_module", "compress_vision"])
 def test_example_round_trip(name, tmp_path, capsys):
     assert _main(name)(["--out", str(tmp_path / "out")]) == 0
     assert "identical" in capsys.readouterr().out
