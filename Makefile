@@ -26,6 +26,7 @@ test: assets
 	$(PY) -m pytest -q
 
 test-slow: assets
+	$(VENV)/bin/dotresize-fx fetch smollm2-135m gemma3-270m
 	$(PY) -m pytest -q -m slow
 
 demo: assets

@@ -105,26 +105,10 @@ def ridge_fit(A: torch.Tensor, B: torch.Tensor, reg: float, prior: torch.Tensor 
     """
     U0 = torch.zeros_like(B) if prior is None else prior.to(B.dtype)
     if A_hold is not None and A_hold.abs().sum() > 0 and (A - A_hold).abs().sum() > 0:
-        ridge = _RidgePath(A - A_hold, B - B_hold, U0)   # one factorisation for every λ tried
-        errors = {lam: _holdout_error(ridge(lam), A_hold, B_hold) for lam in (reg, *LS_REGS)}
+        A_fit, B_fit = A - A_hold, B - B_hold
+        errors = {lam: _holdout_error(_ridge(A_fit, B_fit, lam, U0), A_hold, B_hold) for lam in (reg, *LS_REGS)}
         reg = min(errors, key=errors.get)
     return _ridge(A, B, reg, U0), reg
-
-
-class _RidgePath:
-    """U(λ) = (A + λ'I)⁻¹(B + λ'U₀), λ' = λ·mean(diag A), for many λ from one eigendecomposition A = VΛVᵀ:
-    U(λ) = V·diag(1/(Λ + λ'))·(VᵀB + λ'VᵀU₀)."""
-
-    def __init__(self, A, B, U0):
-        self.scale = A.diagonal().mean().clamp_min(1e-12)
-        self.evals, self.V = torch.linalg.eigh(A)
-        self.VB, self.VU0, self.U0 = self.V.T @ B, self.V.T @ U0, U0
-
-    def __call__(self, reg: float) -> torch.Tensor:
-        if math.isinf(reg):
-            return self.U0.clone()
-        lam = reg * self.scale
-        return self.V @ ((self.VB + lam * self.VU0) / (self.evals.clamp_min(0) + lam)[:, None])
 
 
 def _ridge(A, B, reg, U0):

@@ -124,12 +124,3 @@ def test_fraction_out_of_range():
     with pytest.raises(DotResizeError, match=r"\(0, 1\)"):
         Targets(heads=0.0)
 
-
-def test_the_ridge_path_from_one_factorisation_equals_a_solve_per_lambda():
-    from dotresize_fx.fit import _ridge, _RidgePath
-    G, N, X = _gram(n=20, N=60)
-    B = torch.randn(20, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    U0 = torch.randn(20, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    path = _RidgePath(G, B, U0)
-    for lam in (1e-6, 1e-2, 1.0, float("inf")):
-        assert torch.allclose(path(lam), _ridge(G, B, lam, U0), atol=1e-9)
