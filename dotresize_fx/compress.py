@@ -299,6 +299,10 @@ def public(report: dict) -> dict:
 
 
 def _data(job: Job, tokenizer, inputs, model):
+    if data.is_tensor_file(job.data):
+        batches = data.tensor_batches(job.data, inputs, job.calib_samples, job.batch_size)
+        return batches, None, {"corpus": job.data, "calib_tokens_sha256": data.token_hash(
+            torch.cat([b[0] for b in batches]))}
     if job.data == "random" or tokenizer is None:
         if job.data != "random":
             raise DotResizeError(f"the model has no tokenizer, so --data {job.data} cannot be tokenized: "

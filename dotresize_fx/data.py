@@ -7,6 +7,7 @@ Specs:
   * ``hf:NAME[:CONFIG]:SPLIT`` through the ``datasets`` library (needs it installed and a network); the first 80%
     of the rows calibrate, the last 20% evaluate;
   * ``random``: synthetic inputs shaped like the model's example inputs, for models without a tokenizer;
+  * a ``.pt`` or ``.npy`` file: one tensor of calibration inputs (samples first), e.g. a user's images;
   * ``validation:SPEC``: SPEC's calibration split only: its first 80% calibrates, its last 20% evaluates, so
     choices (reg, marginals, …) are picked without looking at SPEC's evaluation split.
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .cache import atomic_dir, cache_dir, sha256_file
@@ -205,6 +207,35 @@ def synthetic_inputs(example_inputs: tuple, n_samples: int, seed: int, vocab_siz
                 batch.append(torch.randint(0, high, t.shape, generator=g, dtype=t.dtype))
         batches.append(tuple(batch))
     return batches
+
+
+TENSOR_FILES = (".pt", ".npy")
+
+
+def is_tensor_file(spec: str) -> bool:
+    return spec.endswith(TENSOR_FILES)
+
+
+def tensor_batches(spec: str, example_inputs: tuple, n_samples: int, batch_size: int) -> list[tuple]:
+    """Calibration inputs a user has (images, spectrograms): a `.pt` or `.npy` tensor whose first dim indexes
+    samples and whose other dims match the model's example input; the first `n_samples` are used."""
+    path = Path(spec)
+    if not path.is_file():
+        raise DotResizeError(f"data file {spec!r} does not exist: check the path")
+    try:
+        x = torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
+    except Exception as e:
+        raise DotResizeError(f"cannot read {spec!r} as a tensor ({type(e).__name__}: {e}): save one tensor with "
+                             "torch.save or numpy.save") from e
+    want = tuple(example_inputs[0].shape[1:])
+    if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != want:
+        raise DotResizeError(f"{spec!r} holds {tuple(getattr(x, 'shape', ()))}, expected (samples, {', '.join(map(str, want))}) "
+                             "like the model's example input")
+    if x.shape[0] < n_samples:
+        raise DotResizeError(f"{spec!r} has {x.shape[0]} samples, fewer than the {n_samples} asked: lower "
+                             "--calib-samples or give more")
+    x = x[:n_samples].to(example_inputs[0].dtype)
+    return [(x[i:i + batch_size],) for i in range(0, n_samples, batch_size)]
 
 
 def token_hash(windows: torch.Tensor) -> str:

@@ -65,3 +65,16 @@ def test_vit_onnx_matches_the_program_at_two_batch_sizes(tmp_path):
     report = run(Job(f"{FACTORY}:vit", PassSpec.parse("prune:heads=0.25,mlp=0.25"), data="random",
                      calib_samples=4, out=str(tmp_path / "o"), progress=False, onnx=True))
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["widths"]["heads.0"] == 3
+
+
+def test_calibration_inputs_from_a_tensor_file(tmp_path):
+    """A user's own images as a .pt or .npy tensor (samples first) calibrate a vision model."""
+    import numpy as np
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    np.save(tmp_path / "x.npy", x.numpy())
+    reports = [run(Job(f"{FACTORY}:resnet", PassSpec.parse("prune:channels=0.25,round_to=4"), data=str(tmp_path / f),
+                       calib_samples=6, batch_size=3, progress=False)) for f in ("x.pt", "x.npy")]
+    assert reports[0]["protocol"]["corpus"].endswith("x.pt")
+    with torch.no_grad():
+        assert torch.equal(reports[0]["_model"](x), reports[1]["_model"](x))   # the same data either way
