@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from . import dist
 from .errors import DotResizeError
 from .load import DTYPES
+from .summary import bound_line, print_summary
 from .targets import TARGET_KINDS
 
 
@@ -115,7 +115,7 @@ def cmd_compress(args) -> dict:
               opset=args.opset, dtype=args.dtype, device=args.device)
     report = public(run(job))
     if dist.is_main():
-        _print_summary(report)
+        print_summary(report)
     return report
 
 
@@ -142,48 +142,6 @@ def _budget_options(args) -> dict:
         raise DotResizeError(f"--budget {args.budget} needs more than all MLP parameters ({mlp_params} of "
                              f"{nonembed}): lower it or add --heads/--residual fractions")
     return {"mlp": round(fraction, 4)}
-
-
-def _print_summary(r: dict) -> None:
-    rows = [("", "before", "after"),
-            ("parameters", f"{r['params_before'] / 1e6:.2f}M", f"{r['params_after'] / 1e6:.2f}M"),
-            ("non-embedding", f"{r['nonembed_params_before'] / 1e6:.2f}M", f"{r['nonembed_params_after'] / 1e6:.2f}M")]
-    if r["ppl_before"] is not None:
-        rows.append(("perplexity", f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}"))
-    for row in rows:
-        print(f"{row[0]:<16}{row[1]:>12}{row[2]:>12}")
-    print(f"widths: {r['widths']}")
-    for p in r["passes"]:
-        for line in p.get("rounding", []):
-            print(f"rounded {line}")
-        if p.get("untied"):
-            print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
-        if p.get("ls_reg"):
-            picked = Counter(f"{v:g}" if isinstance(v, float) else v for v in p["ls_reg"].values())
-            print(f"{p['method']} least squares, ridge λ picked on held-out calibration rows: "
-                  + ", ".join(f"{k} ×{n}" for k, n in sorted(picked.items())))
-    print(f"graph vs eager compressed model: max |d| {r['graph_check_max_abs_diff']:.2g}; "
-          f"compress {r['timing']['compress_s']:.1f} s (calibration forwards {r['timing']['calib_forward_s']:.1f} s), "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB")
-    if r.get("out"):
-        print(f"saved to {r['out']}")
-    if r.get("onnx"):
-        o = r["onnx"]
-        line = f"ONNX {o['path']}: max |logits ORT - torch| {o['max_abs_diff']:.2g}"
-        if "ppl_ort" in o:
-            line += f", perplexity ORT {o['ppl_ort']:.3f} / torch {o['ppl_torch']:.3f}"
-        if "latency_ratio" in o:
-            line += f", latency compressed/dense {o['latency_ratio']:.2f} (FLOPs {o['flops_ratio']:.2f})"
-        if "latency_bound" in o:
-            line += f"; {_bound_line(o)}"
-        print(line)
-    if r.get("quantized"):
-        q = r["quantized"]
-        line = (f"{q['scheme']} {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
-                f"{q['size_mb_before']:.1f} MB -> {q['size_mb_after']:.1f} MB")
-        if "ppl_ort" in q:
-            line += f", perplexity ORT {q['ppl_ort']:.3f}"
-        print(line)
 
 
 def cmd_export(args) -> dict:
@@ -260,16 +218,10 @@ def cmd_demo(args) -> dict:
     print()
     for row in rows:
         print(f"{row[0]:<20}{row[1]:>16}{row[2]:>18}{row[3]:>18}")
-    print(f"\nlatency at 8x{args.seq_len}: {_bound_line(o)}")
+    print(f"\nlatency at 8x{args.seq_len}: {bound_line(o)}")
     print(f"ONNX parity max |logits ORT - torch| {o['max_abs_diff']:.2g} (tolerance {o['tolerance']}); "
           f"total {r['timing']['total_s']:.0f} s; outputs in {args.out}")
     return r
-
-
-def _bound_line(o: dict) -> str:
-    verdict = "within" if o["latency_within_bound"] else "ABOVE"
-    return (f"ratio {o['latency_ratio']:.3f} {verdict} the bound {o['latency_bound']:.3f} "
-            f"(non-embedding parameter ratio {o['param_ratio']:.3f} + 0.05)")
 
 
 def _add_opset(p: argparse.ArgumentParser) -> None:

@@ -228,11 +228,11 @@ def _load_program_dir(path: Path, plan: dict) -> Loaded:
     except Exception as e:
         raise DotResizeError(f"{weights} is corrupt or unreadable ({type(e).__name__}: {e}); compress again") from e
     source = load(plan["source"])
-    tokenizer = AutoTokenizerOrNone(path) or source.tokenizer
+    tokenizer = _saved_tokenizer(path) or source.tokenizer
     return Loaded(model, tokenizer, source.example_inputs)
 
 
-def AutoTokenizerOrNone(path: Path):
+def _saved_tokenizer(path: Path):
     if not (path / "tokenizer_config.json").is_file():
         return None
     from transformers import AutoTokenizer

@@ -25,7 +25,7 @@ from .outputs import model_outputs
 from .refit import refit_consumer
 from .residual import stage_of
 from .rewrite import apply, finalize
-from .targets import Targets, WidthPlan, plan_widths
+from .targets import WidthPlan, plan_widths
 
 log = logging.getLogger(__name__)
 

@@ -290,51 +290,6 @@ def softmax(w, n, out) -> None:
     w.reductions.append((xd[n.args[1] % len(xd)], packet(n.target).__name__, w.module(n)))
 
 
-@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split)
-def split(w, n, out_unused) -> None:
-    xd = w.dims(n.args[0])
-    dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % len(xd)
-    outs = w.tuple_dims(n)
-    offset = 0
-    for o in outs:
-        for i, a in enumerate(o):
-            if i != dim:
-                w.s.join(a, xd[i])
-        length = w.s.size[o[dim]]
-        if w.s.static(xd[dim]) and length:
-            w.s.add_segment(xd[dim], offset, length, o[dim])
-            offset += length
-    if packet(n.target) is aten.chunk or isinstance(n.args[1], int):  # equal parts: the input width decides
-        w.equal_splits.append((n, [o[dim] for o in outs]))
-    if packet(n.target) is not aten.chunk and isinstance(n.args[1], int) and outs and w.s.static(outs[0][dim]):
-        w.constants.append((outs[0][dim], Constant(n.name, 1, -1, n.args[1], 1)))   # split(x.size(-1)): a literal
-    elif isinstance(n.args[1], (list, tuple)):
-        for i, (o, size) in enumerate(zip(outs, n.args[1])):
-            if isinstance(size, int) and w.s.static(o[dim]):
-                w.constants.append((o[dim], Constant(n.name, 1, i, size, 1)))
-
-
-@rule(aten.select)
-def select(w, n, out) -> None:
-    """One index along a dim (a class token, the last position): the other dims pass; that dim is pinned if
-    it carries a width."""
-    xd = w.dims(n.args[0])
-    dim = n.args[1] % len(xd)
-    w.join_all([a for i, a in enumerate(xd) if i != dim], out)
-    w.s.pin(xd[dim], f"one index selected along this width (aten.select in {w.module(n) or '<root>'})")
-
-
-@rule(aten.unbind)
-def unbind(w, n, out_unused) -> None:
-    """Unbinding a dim (timm's qkv.unbind(0) over the (3, heads, head_dim) factorisation of a fused qkv): each
-    output is one slice, so that dim, as an outer factor of a width, is a set of segments (`classify`)."""
-    xd = w.dims(n.args[0])
-    dim = (n.args[1] if len(n.args) > 1 else 0) % len(xd)
-    for o in w.tuple_dims(n):
-        w.join_all([a for i, a in enumerate(xd) if i != dim], o)
-    w.unbound.append(xd[dim])
-
-
 @rule(aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d,
       aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d)
 def pool(w, n, out) -> None:
@@ -345,46 +300,6 @@ def pool(w, n, out) -> None:
     if packet(n.target) not in (aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d,
                                 aten.adaptive_avg_pool1d, aten.avg_pool1d):
         w.channelwise.append((first[1], packet(n.target).__name__, w.module(n)))
-
-
-@rule(aten.slice)
-def slice_(w, n, out) -> None:
-    xd = w.dims(n.args[0])
-    dim = (n.args[1] if len(n.args) > 1 else 0) % len(xd)
-    for i, a in enumerate(xd):
-        if i != dim:
-            w.s.join(a, out[i])
-    if not w.s.static(xd[dim]):
-        return
-    size = w.s.size_of(xd[dim])
-    start = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
-    end = n.args[3] if len(n.args) > 3 and n.args[3] is not None else size
-    step = n.args[4] if len(n.args) > 4 else 1
-    if not isinstance(start, int) or not isinstance(end, int):
-        w.s.pin(xd[dim], f"slice with a symbolic bound (module {w.module(n)})")
-        return
-    start, end = max(0, start if start >= 0 else size + start), min(size, end if end >= 0 else size + end)
-    if (start, end, step) == (0, size, 1):
-        w.s.join(xd[dim], out[dim])
-    elif step == 1:
-        w.s.add_segment(xd[dim], start, end - start, out[dim])
-    else:
-        w.s.pin(xd[dim], f"strided slice (module {w.module(n)})")
-
-
-@rule(aten.cat)
-def cat(w, n, out) -> None:
-    parts = n.args[0]
-    dim = (n.args[1] if len(n.args) > 1 else 0) % len(out)
-    for p in parts:
-        for i, a in enumerate(w.dims(p)):
-            if i != dim:
-                w.s.join(a, out[i])
-                w.use(p, i, "producer", n, "concat")   # a parameter concatenated in (a class token) writes rows
-    reason = f"concatenated along this width (aten.cat in {w.module(n) or '<root>'}, e.g. rotary halves)"
-    w.s.pin(out[dim], reason)
-    for p in parts:
-        w.s.pin(w.dims(p)[dim], reason)
 
 
 @rule(aten.scaled_dot_product_attention)
@@ -437,3 +352,6 @@ def align_shapes(a: list, b: list) -> list[tuple[list[int], list[int]]] | None:
                 return None
         groups.append((gi, gj))
     return groups if i == len(ia) and j == len(ib) else None
+
+
+from . import rules_index  # noqa: E402,F401  (registers the indexing rules in RULES)

@@ -1,0 +1,53 @@
+"""The lines the CLI prints for a compress report (the passes and the job print nothing themselves)."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+def print_summary(r: dict) -> None:
+    """What `compress` prints: parameters, perplexity, widths, fits, timings, ONNX and quantized files."""
+    rows = [("", "before", "after"),
+            ("parameters", f"{r['params_before'] / 1e6:.2f}M", f"{r['params_after'] / 1e6:.2f}M"),
+            ("non-embedding", f"{r['nonembed_params_before'] / 1e6:.2f}M", f"{r['nonembed_params_after'] / 1e6:.2f}M")]
+    if r["ppl_before"] is not None:
+        rows.append(("perplexity", f"{r['ppl_before']:.3f}", f"{r['ppl_after']:.3f}"))
+    for row in rows:
+        print(f"{row[0]:<16}{row[1]:>12}{row[2]:>12}")
+    print(f"widths: {r['widths']}")
+    for p in r["passes"]:
+        for line in p.get("rounding", []):
+            print(f"rounded {line}")
+        if p.get("untied"):
+            print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
+        if p.get("ls_reg"):
+            picked = Counter(f"{v:g}" if isinstance(v, float) else v for v in p["ls_reg"].values())
+            print(f"{p['method']} least squares, ridge λ picked on held-out calibration rows: "
+                  + ", ".join(f"{k} ×{n}" for k, n in sorted(picked.items())))
+    print(f"graph vs eager compressed model: max |d| {r['graph_check_max_abs_diff']:.2g}; "
+          f"compress {r['timing']['compress_s']:.1f} s (calibration forwards {r['timing']['calib_forward_s']:.1f} s), "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    if r.get("out"):
+        print(f"saved to {r['out']}")
+    if r.get("onnx"):
+        o = r["onnx"]
+        line = f"ONNX {o['path']}: max |logits ORT - torch| {o['max_abs_diff']:.2g}"
+        if "ppl_ort" in o:
+            line += f", perplexity ORT {o['ppl_ort']:.3f} / torch {o['ppl_torch']:.3f}"
+        if "latency_ratio" in o:
+            line += f", latency compressed/dense {o['latency_ratio']:.2f} (FLOPs {o['flops_ratio']:.2f})"
+        if "latency_bound" in o:
+            line += f"; {bound_line(o)}"
+        print(line)
+    if r.get("quantized"):
+        q = r["quantized"]
+        line = (f"{q['scheme']} {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
+                f"{q['size_mb_before']:.1f} MB -> {q['size_mb_after']:.1f} MB")
+        if "ppl_ort" in q:
+            line += f", perplexity ORT {q['ppl_ort']:.3f}"
+        print(line)
+
+
+def bound_line(o: dict) -> str:
+    verdict = "within" if o["latency_within_bound"] else "ABOVE"
+    return (f"ratio {o['latency_ratio']:.3f} {verdict} the bound {o['latency_bound']:.3f} "
+            f"(non-embedding parameter ratio {o['param_ratio']:.3f} + 0.05)")
