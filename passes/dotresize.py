@@ -54,6 +54,14 @@ class DotResizePass(WidthPass):
     name = "dotresize"
     Config = DotResizeConfig
 
+    def __init__(self, config: DotResizeConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.report["transport"] = (
+            f"semi-relaxed entropic OT (only the source marginal fixed: a row softmax), reg {config.reg}, mass "
+            f"{config.mass}" if config.marginals == "semi" else
+            f"balanced OT ({config.marginals} marginals), {config.solver}" + (
+                f", reg {config.reg}" if config.solver == "sinkhorn" else ""))
+
     def group_map(self, model, g: WidthGroup, m: int, kv_after: int | None, stats: Stats) -> WidthMap:
         keep, kv_keep = keep_units(model, g, stats, self.config.importance, m, kv_after)
         w = self._merge(stats, keep, g)

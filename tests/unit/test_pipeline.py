@@ -78,3 +78,13 @@ def test_channel_targets_prune_a_cnn():
     assert (new.conv2.out_channels, new.bn2.running_var.shape[0], new.fc.in_features) == (16, 16, 16)
     with torch.no_grad():
         assert new(*inputs).shape == model(*inputs).shape
+
+
+def test_the_report_names_the_transport_that_ran():
+    model, inputs = models.llama()
+    a = analyze(model, inputs)
+    for text, words in [("dotresize:mlp=0.25", "semi-relaxed"), ("dotresize:mlp=0.25,marginals=uniform,solver=emd",
+                                                                 "balanced OT (uniform marginals), emd")]:
+        p = build_pass(PassSpec.parse(text)[0], a, inputs, [inputs])
+        p(model)
+        assert words in p.report["transport"]
