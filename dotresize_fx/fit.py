@@ -18,7 +18,6 @@ class Importance:
     """`score(mean_sq, col_norms)` per channel; `select(gram, col_norms, m)`: a rule that picks units itself
     (None: the top-m scores)."""
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    needs_stats: bool = True
     select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
 
@@ -46,7 +45,7 @@ def _weighted_cholesky(gram: torch.Tensor, col_norms: torch.Tensor, m: int) -> t
 
 
 IMPORTANCES: dict[str, Importance] = {
-    "weight": Importance(lambda act_sq, d: d, needs_stats=False),               # ‖W_c[:, i]‖
+    "weight": Importance(lambda act_sq, d: d),                                  # ‖W_c[:, i]‖
     "activation": Importance(lambda act_sq, d: act_sq.sqrt()),                  # sqrt(G_ii / N)
     "act_weight": Importance(lambda act_sq, d: act_sq.sqrt() * d),              # sqrt(G_ii / N)·‖W_c[:, i]‖
     "cholesky": Importance(lambda act_sq, d: act_sq.sqrt() * d, select=_weighted_cholesky),  # heads: act_weight

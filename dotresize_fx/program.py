@@ -67,13 +67,9 @@ def patch_constants(model: torch.nn.Module, analysis: Analysis, maps: dict) -> l
     return patched
 
 
-def to_program(model: torch.nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
-    """A resized program module, captured again: a clean ExportedProgram (fresh shapes) to save or export."""
-    return capture(model, inputs).program
-
-
 def save_program(model: torch.nn.Module, inputs: tuple, path) -> None:
-    torch.export.save(to_program(model, inputs), str(path))
+    """The resized program module, captured again (a clean ExportedProgram with fresh shapes), saved."""
+    torch.export.save(capture(model, inputs).program, str(path))
 
 
 def load_program(path) -> torch.nn.Module:
