@@ -81,14 +81,18 @@ def cmd_analyze(args) -> dict:
 def cmd_verify(args) -> dict:
     from .analyze import analyze
     from .load import load
+    from . import program
     from .verify import invariance_checks
     model, _, inputs = load(args.model)
     analysis = analyze(model, inputs)
-    checks = invariance_checks(model, analysis, inputs)
+    path, _ = program.choose(model, analysis, set(analysis.kinds()))
+    # the checks run on what compress rewrites: the eager model, or the captured program
+    checks = invariance_checks(program.as_module(analysis) if path == "program" else model, analysis, inputs)
+    print(f"rewrite path: {path}")
     for c in checks:
         diff = f"max |d output| {c['max_abs_diff']:.3g}"
         print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']:<24} {diff}")
-    result = {"checks": checks, "dtype": "float64", "tolerance_scale": "max(1, max |output|)"}
+    result = {"checks": checks, "rewrite_path": path, "dtype": "float64", "tolerance_scale": "max(1, max |output|)"}
     if not all(c["ok"] for c in checks):
         _write_json(args.json, result)
         bad = [c for c in checks if not c["ok"]]

@@ -78,3 +78,13 @@ def test_calibration_inputs_from_a_tensor_file(tmp_path):
     assert reports[0]["protocol"]["corpus"].endswith("x.pt")
     with torch.no_grad():
         assert torch.equal(reports[0]["_model"](x), reports[1]["_model"](x))   # the same data either way
+
+
+def test_verify_runs_on_the_rewritten_program(tmp_path):
+    import json
+    from dotresize_fx.cli import main
+    assert main(["verify", f"{FACTORY}:vit_qk_norm", "--json", str(tmp_path / "v.json")]) == 0
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert result["rewrite_path"] == "program"
+    assert [c["name"] for c in result["checks"]][:3] == ["identity", "permutation", "rotation residual.0"]
+    assert all(c["ok"] and c["max_abs_diff"] < 1e-12 for c in result["checks"])
