@@ -166,7 +166,7 @@ def run(job: Job) -> dict:
     for i, (spec, config) in enumerate(zip(specs, configs)):
         bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
         the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
-                                             device)
+                                             device, inplace=not onnx)   # ONNX latency needs the dense model
         try:
             with resized_forward(spec.method, analysis, config.targets):
                 result = the_pass(current)

@@ -30,10 +30,9 @@ from .targets import WidthPlan, plan_widths
 log = logging.getLogger(__name__)
 
 
-def probe_diff(before: torch.nn.Module, after: torch.nn.Module, probe: tuple) -> float:
+def probe_output(model: torch.nn.Module, probe: tuple) -> torch.Tensor:
     with torch.no_grad():
-        a, b = model_outputs(before, probe), model_outputs(after, probe)
-    return (a - b).abs().max().item()
+        return model_outputs(model, probe)
 
 
 class WidthPass(PassBase):
@@ -45,7 +44,7 @@ class WidthPass(PassBase):
     Config: type
 
     def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True,
-                 device: str = "cpu"):
+                 device: str = "cpu", inplace: bool = False):
         super().__init__()
         if not batches:
             raise DotResizeError(f"{self.name}: calibration batches are needed (tuples of model inputs); "
@@ -53,6 +52,9 @@ class WidthPass(PassBase):
         self.config, self.targets = config, config.targets
         self.analysis, self.probe, self.batches = analysis, probe, batches
         self.progress, self.layerwise, self.device = progress, layerwise, device
+        # in place: no second copy of the weights (the caller keeps no use for the dense model); a refit toward
+        # the dense model's own activations needs it, so that one still copies
+        self.inplace = inplace and getattr(config, "ls_target", "current") != "dense"
         self.report: dict = {}
 
     def group_map(self, model: torch.nn.Module, g: WidthGroup, m: int, kv_after: int | None,
@@ -84,7 +86,8 @@ class WidthPass(PassBase):
         stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
         plan = plan_widths(self.analysis, self.targets, stock_multiple, where=self.name)
         self.report["rounding"], self.report["skipped"] = plan.rounding, plan.skipped
-        new = copy.deepcopy(model)
+        reference = probe_output(model, self.probe)   # the dense output on the probe: all that is kept of it
+        new = model if self.inplace else copy.deepcopy(model)
         order = blocks(new, self.analysis, self.batches, self.layerwise)
         if not order.whole:
             self.report["layerwise"] = True
@@ -96,7 +99,8 @@ class WidthPass(PassBase):
         rewrite = finalize(new, self.analysis, maps)
         self.report.update(widths=rewrite.widths, untied=untied + rewrite.untied, config=rewrite.config,
                            stock=rewrite.stock, notes=notes + rewrite.notes,
-                           probe_max_abs_diff=probe_diff(model, new, self.probe))  # measured, not asserted: lossy
+                           probe_max_abs_diff=(reference - probe_output(new, self.probe)).abs().max().item(),
+                           inplace=self.inplace)  # the probe change is measured, not asserted: lossy
         return PassResult(new, True)
 
     def _spanning(self, model, new, plan: WidthPlan, order: Blocks):
