@@ -114,6 +114,7 @@ class BlockRunner:
         self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self.forward_s = 0.0
         self.extras: list[list | None] = [None] * len(batches)   # per batch, per block: args without hidden
+        self.per_block = False
         if blocks.whole:
             self.inputs = [(_to(tuple(batch), self.device), {}) for batch in batches]
             return

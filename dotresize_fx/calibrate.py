@@ -8,6 +8,7 @@ points:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -130,25 +131,17 @@ def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: l
     return cal.reduce()
 
 
-class observing:
-    """Context: hooks that accumulate `groups`' statistics into `cal` while the model runs."""
-
-    def __init__(self, model, analysis: Analysis, groups: list[str], cal: Calibration, per_norm: bool = False):
-        self.hooks = []
-        try:
-            for name in groups:
-                self.hooks += _install(model, analysis.group(name), cal, per_norm)
-        except Exception:
-            self.__exit__()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
+@contextlib.contextmanager
+def observing(model, analysis: Analysis, groups: list[str], cal: Calibration, per_norm: bool = False):
+    """Hooks that accumulate `groups`' statistics into `cal` while the model runs inside the block."""
+    hooks = []
+    try:
+        for name in groups:
+            hooks += _install(model, analysis.group(name), cal, per_norm)
+        yield cal
+    finally:
+        for h in hooks:
             h.remove()
-        self.hooks = []
 
 
 def _install(model, group: WidthGroup, cal: Calibration, per_norm: bool = False) -> list:

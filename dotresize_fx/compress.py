@@ -130,7 +130,7 @@ def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> d
 
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
-    from passes import EXPORT_PASSES, export_config, width_config
+    from passes import EXPORT_PASSES, WIDTH_PASSES, export_config, width_config
     quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
     specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
     configs = [width_config(s) for s in specs] + [export_config(s) for s in quantize]  # bad options fail first
@@ -162,7 +162,6 @@ def run(job: Job) -> dict:
     path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] for k in c.targets.asked()})
     current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     t = time.perf_counter()
-    from passes import WIDTH_PASSES
     for i, (spec, config) in enumerate(zip(specs, configs)):
         bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
         the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,

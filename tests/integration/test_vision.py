@@ -29,7 +29,8 @@ def test_analysis_and_exact_verify(arch, golden):
     golden(f"analyze/{arch}", _summary(a))
     checks = invariance_checks(model, a, inputs)
     assert all(c["ok"] for c in checks), checks
-    assert all(c["max_abs_diff"] <= 1e-9 * max(1.0, c["tolerance"] / 1e-9) for c in checks)
+    # these forwards run in float64 throughout, so they are held to float64's floor
+    assert all(c["compute_dtype"] == "torch.float64" and c["max_abs_diff"] < 1e-12 for c in checks), checks
 
 
 def test_vit_fused_qkv_is_one_heads_group_with_q_k_v_segments():
