@@ -169,22 +169,25 @@ def _install(model, group: WidthGroup, cal: Calibration, per_norm: bool = False)
 
 
 def observation_point(group: WidthGroup) -> Member:
-    """The consumer whose input is the group's observation point: one that reads the whole width."""
+    """The consumer whose input is the group's observation point: one that reads the whole width (a flattened
+    one, whose positions become rows, when no other does)."""
     n_ch = group.size * group.unit
-    for m in group.consumers():
-        if (m.length or n_ch) == n_ch:
-            return m
+    whole = [m for m in group.consumers() if (m.length or n_ch) == n_ch * group.inner(m)]
+    if whole:
+        return min(whole, key=group.inner)
     raise DotResizeError(f"{group.name} has no consumer that reads its whole width, so it has no observation "
                          "point: keep this width (leave its kind out of the targets)")
 
 
 def observe_consumer(model, group: WidthGroup, sink):
     """A hook that hands `sink` the group's channels at its observation point, channels last (a conv's
-    channels are dim 1: positions become rows)."""
+    channels are dim 1, a flattened input's are outer to their positions: positions become rows)."""
     consumer = observation_point(group)
     channel_dim = 1 if consumer.via == "conv" else -1
-    off, length = consumer.offset, consumer.length or group.size * group.unit
+    n_ch, inner = group.size * group.unit, group.inner(consumer)
+    off, length = consumer.offset, consumer.length or n_ch
 
     def on_input(_module, args):
-        sink(args[0].movedim(channel_dim, -1)[..., off:off + length])
+        x = args[0].movedim(channel_dim, -1)[..., off:off + length]
+        sink(x if inner == 1 else x.unflatten(-1, (n_ch, inner)).transpose(-1, -2))
     return model.get_submodule(consumer.module).register_forward_pre_hook(on_input)

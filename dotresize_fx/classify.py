@@ -13,7 +13,10 @@ import torch
 from .groups import Member, WidthGroup
 from .rules import RESHAPE, SAME_SHAPE, aten, packet, val
 
-NORM_REDUCTIONS = {"layer_norm", "rms_norm", "mean"}   # a residual's norms reduce over it by one of these
+NORM_REDUCTIONS = {"layer_norm", "rms_norm", "mean"}
+# ops between a norm and a consumer that keep reading the norm's output: casts, reshapes, layout (a batch-second
+# nn.MultiheadAttention transposes its input), and selections of tokens (logits_to_keep, a class token)
+LAYOUT = SAME_SHAPE | RESHAPE | {aten.slice, aten.select, aten.transpose, aten.permute}   # a residual's norms reduce over it by one of these
 
 
 def build_groups(w) -> list[WidthGroup]:
@@ -206,7 +209,7 @@ def _mark_norm_readers(w, g: WidthGroup) -> None:
             if mod in g.norms:
                 m.reads = mod
                 break
-            if packet(x.target) not in SAME_SHAPE | RESHAPE | {aten.slice, aten.select}:  # logits_to_keep, cls token
+            if packet(x.target) not in LAYOUT:
                 break
             x = x.args[0]
 

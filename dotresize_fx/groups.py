@@ -65,6 +65,12 @@ class WidthGroup:
     def consumers(self) -> list[Member]:
         return [m for m in self.members if m.role == "consumer"]
 
+    def inner(self, m: Member) -> int:
+        """Positions per channel in the member's dim: a flatten of (channels, h, w) into a Linear's input puts
+        h·w consecutive features on every channel (1 for every other member)."""
+        n = self.size * self.unit
+        return m.length // n if self.kind != "heads" and m.length > n and m.length % n == 0 else 1
+
     def details(self) -> str:
         """A readable chain of everything a change of this width touches."""
         head = f"{self.name}: {self.kind}, size {self.size}"

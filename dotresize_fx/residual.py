@@ -28,12 +28,13 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     if centre and is_selection(w.merge) and not w.stages:
         linear_ops(model, group, w, sites)  # keeping channels: LayerNorm simply normalises over the kept ones
         return
-    if group.channelwise:
-        raise DotResizeError(f"{group.name}: {group.channelwise[0]} acts on each channel of the stream alone, so "
-                             "only keeping channels (prune) preserves it; do not merge or rotate this width")
+    blocker = rotation_blocker(group)
+    if blocker:
+        raise DotResizeError(f"{group.name}: {blocker}; only keeping channels (prune) preserves it: do not merge "
+                             "or rotate this width")
     n, m = w.n, w.m
-    if centre:
-        _check_centrable(group, m)
+    if centre and m < 2:
+        raise DotResizeError(f"{group.name}: a LayerNorm stream needs at least 2 channels; lower the reduction")
     stages = w.stages or [w]
     # the stream carries z = x·Q; consumers rebuild x ≈ z·C (C = R·U for a QR basis)
     bases = [centred_basis(s.merge) if centre else torch.linalg.qr(s.merge)[0] for s in stages]
@@ -95,13 +96,15 @@ def _apply_skip_adapter(block, _args, out):
     return out @ A
 
 
-def _check_centrable(group: WidthGroup, m: int) -> None:
+def rotation_blocker(group: WidthGroup) -> str | None:
+    """Why no orthogonal map of this stream keeps the function (None: rotations and merges are exact)."""
+    if group.channelwise:
+        return f"{group.channelwise[0]} acts on each channel of the stream alone"
     raw = sorted({mem.module for mem in group.members if mem.role == "consumer" and not mem.reads})
-    if raw:
-        raise DotResizeError(f"{group.name}: {', '.join(raw)} read the residual stream without a LayerNorm, so "
-                             "centring the stream would change their input; only keep/prune its channels")
-    if m < 2:
-        raise DotResizeError(f"{group.name}: a LayerNorm stream needs at least 2 channels; lower the reduction")
+    if group.centred and raw:
+        return (f"{', '.join(raw)} read the LayerNorm stream without a LayerNorm, so centring the stream would "
+                "change their input")
+    return None
 
 
 def centred_basis(M: torch.Tensor) -> torch.Tensor:

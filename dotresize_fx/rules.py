@@ -7,6 +7,8 @@ width it touches (see `Walker.rule`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .groups import Constant
@@ -113,7 +115,12 @@ def reshape(w, n, out) -> None:
     for ins, outs in groups:
         ins = [sd[i] for i in ins if w.s.static(sd[i])]
         outs = [out[j] for j in outs if w.s.static(out[j])]
-        if len(ins) == 1 and len(outs) == 1:
+        if _size(w, ins) != _size(w, outs):
+            # part of a width folded into a batch or sequence dim (nn.MultiheadAttention's heads into the batch)
+            for a in ins + outs:
+                w.s.pin(a, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} folds a width into a batch or "
+                           f"sequence dim (module {w.module(n)})")
+        elif len(ins) == 1 and len(outs) == 1:
             w.s.join(ins[0], outs[0])
         elif len(ins) == 1 and outs:
             w.s.factor(ins[0], outs)
@@ -124,6 +131,10 @@ def reshape(w, n, out) -> None:
             for a in ins + outs:
                 w.s.pin(a, reason)
     _record_constants(w, n, out)
+
+
+def _size(w, atoms: list[int]) -> int:
+    return math.prod(w.s.size[a] for a in atoms)
 
 
 def _record_constants(w, n, out) -> None:

@@ -43,19 +43,20 @@ def linear_ops(model, group: WidthGroup, w: WidthMap, sites: Sites) -> None:
     unit = group.unit
     kv = group.kv_heads or group.size
     for m in group.members:
-        units = (m.length or group.size * unit) // unit
+        inner = group.inner(m)
+        units = (m.length or group.size * unit) // (unit * inner)
         on_kv = group.kind == "heads" and units == kv and kv != group.size
         M = w.kv_merge if on_kv else w.merge
         keep = w.kv_keep if on_kv else w.keep
         if m.role == "producer" and m.attn == "qk" and keep is not None:
-            A = expand_units(selection_matrix(M.shape[0], keep), unit)
+            A = expand_units(selection_matrix(M.shape[0], keep), unit * inner)
         elif m.role in ("producer", "passthrough"):
-            A = expand_units(M, unit)
+            A = expand_units(M, unit * inner)
         elif m.role == "consumer":
             if on_kv:
                 raise DotResizeError(f"{group.name}: {m.param} reads the kv heads' width directly; a map for "
                                      "such a consumer is not supported: keep this group's width")
-            A = w.channel_unmerge(unit).T
+            A = expand_units(w.channel_unmerge(unit), inner).T
         else:
             continue
         sites[owner(model, m)].append((m.dim, m.offset, m.length or A.shape[0], A))
@@ -83,12 +84,14 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
 
 
 def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
-    """d_i = ‖W_c[:, i]‖ over all consumers that read the whole width, per channel of the group (n × unit)."""
+    """d_i = ‖W_c[:, i]‖ over all consumers that read the whole width, per channel of the group (n × unit);
+    a flattened consumer's positions of one channel count as that channel's."""
     n_ch = group.size * group.unit
     total = torch.zeros(n_ch, dtype=torch.float64)
     for m in group.consumers():
-        if (m.length or n_ch) != n_ch:
+        inner = group.inner(m)
+        if (m.length or n_ch) != n_ch * inner:
             continue
         W = site_tensor(model, *owner(model, m)).cpu().movedim(m.dim, -1)
-        total += W.reshape(-1, n_ch).pow(2).sum(0)
+        total += W.reshape(-1, n_ch, inner).pow(2).sum((0, 2))
     return total.sqrt()

@@ -1,7 +1,8 @@
 """Invariance checks: maps that must not change the function (DESIGN §6).
 
 Run in float64, so that passing is a proof of the machinery, not of float32 luck: identity maps on every
-resizable group, a random permutation of each, a random rotation of the residual stream, and a different
+resizable group, a random permutation of each, a random rotation of the residual stream (where one keeps the function: see
+`residual.rotation_blocker`), and a different
 rotation per block (per-layer maps with skip adapters) where the blocks chain. A model whose forward computes
 in float32 even when its weights are float64 (Hugging Face's RMSNorm and rotary tables cast to float32) is
 held to float32's floor instead, and the result says which floor applied.
@@ -18,6 +19,7 @@ from .blocks import block_list
 from .groups import Analysis, WidthGroup
 from .maps import WidthMap
 from .outputs import model_outputs
+from .residual import rotation_blocker
 from .rewrite import apply
 
 VERIFY_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}   # max |Δ output| / max(1, max |output|)
@@ -34,7 +36,7 @@ def invariance_checks(model: torch.nn.Module, analysis: Analysis, inputs: tuple,
     checks = [("identity", {grp.name: _identity(grp) for grp in groups}),
               ("permutation", {grp.name: _permutation(grp, g) for grp in groups})]
     for grp in groups:
-        if grp.kind == "residual" and not grp.channelwise:
+        if grp.kind == "residual" and rotation_blocker(grp) is None:
             checks += _rotations(ref_model, analysis, grp, inputs, g)
     tol = VERIFY_TOL[seen.lowest] * max(1.0, ref.abs().max().item())
     results = []

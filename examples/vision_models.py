@@ -1,8 +1,11 @@
-"""Vision and speech models written the way their authors write them (timm, torchvision, ConvNeXt, Whisper), tiny.
+"""Vision and speech models written the way their authors write them (timm, torchvision, ConvNeXt, Whisper,
+torch.nn.TransformerEncoder), tiny.
 
 Each builder returns (model, example_inputs). torchvision and timm do not import beside this project's CPU torch,
 so the layouts are reproduced here: fused qkv reshaped to (3, heads, head_dim) and unbound, class tokens, layer
-scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with depthwise convs.
+scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with depthwise convs, a VGG classifier
+over flattened feature maps, a Whisper encoder (conv front end, then transformer blocks) and PyTorch's own
+nn.TransformerEncoderLayer (nn.MultiheadAttention folds its heads into the batch dim).
 """
 import torch
 from torch import nn
@@ -205,3 +208,106 @@ class MobileNetV2(nn.Module):
 def mobilenet():
     torch.manual_seed(0)
     return _randomise_bn(MobileNetV2()).eval(), _images()
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet-50 and up): 1×1 reduce, 3×3, 1×1 expand."""
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.relu, self.downsample = nn.ReLU(inplace=True), downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def resnet_bottleneck():
+    torch.manual_seed(0)
+    down = lambda i, o, s: nn.Sequential(nn.Conv2d(i, o, 1, s, bias=False), nn.BatchNorm2d(o))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                          Bottleneck(16, 8, 1, down(16, 32, 1)), Bottleneck(32, 8),
+                          Bottleneck(32, 16, 2, down(32, 64, 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    return _randomise_bn(model).eval(), _images()
+
+
+def vgg():
+    """A classifier over flattened feature maps: each channel is 4×4 consecutive inputs of the first Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
+    return model.eval(), _images()
+
+
+class WhisperAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d, bias=False)
+        self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        split = lambda y: y.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(self.q_proj(x) * self.head_dim ** -0.5), split(self.k_proj(x)), split(self.v_proj(x))
+        o = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class WhisperLayer(nn.Module):
+    def __init__(self, d, heads, ff):
+        super().__init__()
+        self.self_attn, self.self_attn_layer_norm = WhisperAttention(d, heads), nn.LayerNorm(d)
+        self.fc1, self.fc2, self.final_layer_norm = nn.Linear(d, ff), nn.Linear(ff, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper's encoder: two Conv1d over mel frames, learned positions, pre-LN transformer layers."""
+    def __init__(self, n_mels=16, d=32, heads=4, ff=64, layers=2, ctx=20):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, d, 3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(ctx, d)
+        self.layers = nn.ModuleList(WhisperLayer(d, heads, ff) for _ in range(layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, input_features):
+        x = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(input_features)))).permute(0, 2, 1)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+def whisper():
+    torch.manual_seed(0)
+    return WhisperEncoder().eval(), (torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(0)),)
+
+
+class TorchTransformer(nn.Module):
+    """A token classifier on PyTorch's nn.TransformerEncoder (pre-LN, no final norm)."""
+    def __init__(self, d=32, heads=4, ff=64, layers=2, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.emb(ids)))
+
+
+def torch_transformer():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    return TorchTransformer().eval(), (ids,)

@@ -12,7 +12,8 @@ from dotresize_fx.load import load
 from dotresize_fx.verify import invariance_checks
 
 FACTORY = str(Path(__file__).resolve().parents[2] / "examples" / "vision_models.py")
-ARCHS = ["vit", "vit_qk_norm", "resnet", "convnext", "mobilenet"]
+ARCHS = ["vit", "vit_qk_norm", "resnet", "convnext", "mobilenet", "resnet_bottleneck", "vgg", "whisper",
+         "torch_transformer"]
 
 
 def _summary(a):
@@ -52,7 +53,11 @@ def test_depthwise_convs_follow_their_channels():
                                           ("resnet", "prune:channels=0.25,round_to=4"),
                                           ("resnet", "dotresize:channels=0.25,round_to=4"),
                                           ("mobilenet", "prune:channels=0.25,round_to=4"),
-                                          ("convnext", "prune:mlp=0.25,residual=0.25,round_to=4")])
+                                          ("convnext", "prune:mlp=0.25,residual=0.25,round_to=4"),
+                                          ("resnet_bottleneck", "dotresize:channels=0.25,round_to=4"),
+                                          ("vgg", "dotresize:channels=0.25,mlp=0.25,round_to=4"),
+                                          ("whisper", "dotresize:heads=0.25,mlp=0.25,channels=0.25,round_to=4"),
+                                          ("torch_transformer", "prune:mlp=0.25,residual=0.25,round_to=4")])
 def test_compress_reloads_as_a_program(arch, passes, tmp_path):
     report = run(Job(f"{FACTORY}:{arch}", PassSpec.parse(passes), data="random", calib_samples=4,
                      out=str(tmp_path / "o"), progress=False))
@@ -89,3 +94,23 @@ def test_verify_runs_on_the_rewritten_program(tmp_path):
     assert result["rewrite_path"] == "program"
     assert [c["name"] for c in result["checks"]][:3] == ["identity", "permutation", "rotation residual.0"]
     assert all(c["ok"] and c["max_abs_diff"] < 1e-12 for c in result["checks"])
+
+
+def test_a_flattened_feature_map_is_read_per_channel():
+    """VGG's Linear reads 16 channels × 4×4 positions: its member spans 256 inputs, 16 per channel."""
+    a = analyze(*vision.vgg())
+    g = next(g for g in a.by_kind("channels") if g.size == 16)
+    fc = next(m for m in g.consumers() if m.param == "7.weight")
+    assert g.resizable and (fc.length, g.inner(fc)) == (256, 16)
+
+
+def test_multihead_attention_folding_heads_into_the_batch_pins_heads_only():
+    """nn.MultiheadAttention views its heads into the batch dim: the heads stay, with the reason; the MLP and
+    the residual stream stay resizable, and a rotation of that stream is skipped because the LM head reads it
+    without a LayerNorm (pre-LN encoder with no final norm)."""
+    from dotresize_fx.residual import rotation_blocker
+    a = analyze(*vision.torch_transformer())
+    heads, residual = a.by_kind("heads"), a.by_kind("residual")[0]
+    assert heads and all(not g.resizable and "folds a width into a batch" in g.reason for g in heads)
+    assert all(g.resizable for g in a.by_kind("mlp")) and residual.resizable
+    assert "head read the LayerNorm stream" in rotation_blocker(residual)
