@@ -29,6 +29,15 @@ ROWS = {
     "dotresize-mlp-ot": "dotresize:mlp=0.25,unmerge=ot",
     "dotresize-mlp-pure": "dotresize:mlp=0.25,pure_producers=1,refine=0",
     "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
+    # the same units kept, spread over the layers by measured sensitivity (dotresize_fx/allocate.py)
+    "prune+ls-curve": "prune:mlp=0.25,unmerge=ls,allocation=curve",
+    "prune+ls-importance": "prune:mlp=0.25,unmerge=ls,allocation=importance",
+    "dotresize-mlp-mass0.25-curve": "dotresize:mlp=0.25,mass=0.25,allocation=curve",
+    "dotresize-mlp-pure-curve": "dotresize:mlp=0.25,pure_producers=1,refine=0,allocation=curve",
+    "prune+ls-10-curve": "prune:mlp=0.125,unmerge=ls,allocation=curve",
+    "dotresize-mlp-10-pure-curve": "dotresize:mlp=0.125,pure_producers=1,refine=0,allocation=curve",
+    "prune+ls-30-curve": "prune:mlp=0.375,unmerge=ls,allocation=curve",
+    "dotresize-mlp-30-pure-curve": "dotresize:mlp=0.375,pure_producers=1,refine=0,allocation=curve",
     # residual 576→432 (one global map; a multiple of 9 heads for a stock config; the head is untied, counted)
     "prune-residual": "prune:residual=0.25",
     "pca-global": "pca:residual=0.25",

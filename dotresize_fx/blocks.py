@@ -89,7 +89,7 @@ def _chains(model, modules, batch) -> bool:
         return False
     with torch.inference_mode():
         out = _hidden(modules[0](*seen[0][0], **seen[0][1]))
-        nxt = _hidden_in(*seen[1])
+        nxt = hidden_in(*seen[1])
     return isinstance(out, torch.Tensor) and out.shape == nxt.shape and torch.allclose(out, nxt, atol=1e-5)
 
 
@@ -97,7 +97,7 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _hidden_in(args, kwargs):
+def hidden_in(args, kwargs):
     return args[0] if args else kwargs[HIDDEN_STATES_ARG]
 
 
@@ -167,13 +167,17 @@ class BlockRunner:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def hidden(self, i: int) -> torch.Tensor:
+        """Batch i's hidden states entering the current block."""
+        return hidden_in(*self.inputs[i])
+
     def run_one(self, b: int, i: int):
         """Block b on batch i's current hidden states, with the other arguments the forward gave block b."""
         if self.blocks.whole:
             return main_output(self.blocks.modules[0](*self.inputs[i][0]))
         args, kwargs = self.inputs[i]
         if self.extras[i] is not None:
-            args, kwargs = _with_hidden(self.extras[i][b], _hidden_in(args, kwargs))
+            args, kwargs = _with_hidden(self.extras[i][b], hidden_in(args, kwargs))
         return _hidden(self.blocks.modules[b](*args, **kwargs))
 
     def run(self, b: int, on_output=None) -> None:

@@ -8,14 +8,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from . import dist
 from .errors import DotResizeError
 from .load import DTYPES
+from .quiet import silence_known
 from .summary import bound_line, print_summary
-from .targets import TARGET_KINDS
+from .targets import TARGET_KINDS, Allocation
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -113,8 +115,8 @@ def cmd_compress(args) -> dict:
     else:
         options = {k: getattr(args, k) for k in TARGET_KINDS if getattr(args, k) is not None}
         if args.budget is not None:
-            options = _budget_options(args)
-        for key in ("importance", "unmerge", "residual_maps"):
+            options = {**_budget_options(args), "allocation": "curve"}
+        for key in ("importance", "unmerge", "residual_maps", "allocation"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
         specs = [PassSpec(args.method, options)]
@@ -257,7 +259,7 @@ def _choices():
 def build_parser() -> argparse.ArgumentParser:
     methods, importances, unmerges = _choices()
     parser = argparse.ArgumentParser(prog="dotresize-fx", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and every library warning")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("DOTRESIZE_THREADS", 0)) or None,
                         help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove (MLP widths)")
     p.add_argument("--importance", choices=importances)
     p.add_argument("--unmerge", choices=unmerges, help="select|ls for prune; ot|pinv|ls for dotresize")
+    p.add_argument("--allocation", choices=list(get_args(Allocation)),
+                   help="how the MLP units kept are spread over the layers: uniform (the same fraction "
+                        "everywhere; default with fractions), curve (least-squares error curves; default with "
+                        "--budget) or importance (one threshold on per-layer normalised importance)")
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
@@ -347,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("dotresize_fx").setLevel(logging.INFO)  # our progress notes; other libraries' INFO is noise
+    if not args.debug:
+        silence_known()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

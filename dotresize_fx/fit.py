@@ -104,10 +104,21 @@ def ridge_fit(A: torch.Tensor, B: torch.Tensor, reg: float, prior: torch.Tensor 
     """
     U0 = torch.zeros_like(B) if prior is None else prior.to(B.dtype)
     if A_hold is not None and A_hold.abs().sum() > 0 and (A - A_hold).abs().sum() > 0:
-        A_fit, B_fit = A - A_hold, B - B_hold
-        errors = {lam: _holdout_error(_ridge(A_fit, B_fit, lam, U0), A_hold, B_hold) for lam in (reg, *LS_REGS)}
-        reg = min(errors, key=errors.get)
+        reg = _pick_reg(A - A_hold, B - B_hold, U0, A_hold, B_hold, sorted({reg, *LS_REGS}))
     return _ridge(A, B, reg, U0), reg
+
+
+def _pick_reg(A_fit, B_fit, U0, A_hold, B_hold, regs: list[float]) -> float:
+    """The λ of `regs` (ascending) whose fit best predicts the held-out rows. The held-out error of a ridge
+    path falls while λ removes variance and rises once it adds bias, so the scan stops at the first rise
+    (on SmolLM2 it ends after two or three of the seven solves; each is a Cholesky factorisation)."""
+    best, best_err = regs[0], math.inf
+    for lam in regs:
+        err = _holdout_error(_ridge(A_fit, B_fit, lam, U0), A_hold, B_hold)
+        if err >= best_err:
+            break
+        best, best_err = lam, err
+    return best
 
 
 def _ridge(A, B, reg, U0):
@@ -131,5 +142,25 @@ def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4, prior
                holdout: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """U ≈ (MᵀGM + λI)⁻¹ (MᵀG + λU₀): the least-squares reconstruction of X from XM (`ridge_fit` with
     H' = XM, H = X; `holdout`: the held-out rows' share of G, to pick λ)."""
-    hold = (None, None) if holdout is None else (merge.T @ holdout @ merge, merge.T @ holdout)
-    return ridge_fit(merge.T @ gram @ merge, merge.T @ gram, reg, prior, *hold)
+    kept = _selected(merge)
+    if kept is None or prior is None or not torch.equal(prior, merge.T):
+        hold = (None, None) if holdout is None else (merge.T @ holdout @ merge, merge.T @ holdout)
+        return ridge_fit(merge.T @ gram @ merge, merge.T @ gram, reg, prior, *hold)
+    # a selection S with prior Sᵀ: SᵀGS and SᵀG are rows and columns of G, and on the kept channels
+    # (SᵀGS + λI)⁻¹(SᵀGS + λI) = I for every λ and every split of the rows, so only the removed channels'
+    # columns are solved (their held-out error is the only part that depends on λ)
+    removed = torch.ones(merge.shape[0], dtype=torch.bool)
+    removed[kept] = False
+    hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
+    R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
+    U = prior.clone()
+    U[:, removed] = R
+    return U, lam
+
+
+def _selected(merge: torch.Tensor) -> torch.Tensor | None:
+    """The rows a column-selection matrix keeps (in column order), or None if `merge` is not one."""
+    ones = merge == 1
+    if not bool(((merge == 0) | ones).all() and (ones.sum(0) == 1).all() and (ones.sum(1) <= 1).all()):
+        return None
+    return ones.float().argmax(0)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .allocate import allocate
 from .blocks import BlockRunner, Blocks, blocks
 from .calibrate import Calibration, Stats, collect_stats, observing
 from .errors import DotResizeError
@@ -86,6 +87,8 @@ class WidthPass(PassBase):
         stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
         plan = plan_widths(self.analysis, self.targets, stock_multiple, where=self.name)
         self.report["rounding"], self.report["skipped"] = plan.rounding, plan.skipped
+        if self.targets.allocation != "uniform":
+            self._allocate(model, plan)
         reference = probe_output(model, self.probe)   # the dense output on the probe: all that is kept of it
         new = model if self.inplace else copy.deepcopy(model)
         order = blocks(new, self.analysis, self.batches, self.layerwise)
@@ -102,6 +105,14 @@ class WidthPass(PassBase):
                            probe_max_abs_diff=(reference - probe_output(new, self.probe)).abs().max().item(),
                            inplace=self.inplace)  # the probe change is measured, not asserted: lossy
         return PassResult(new, True)
+
+    def _allocate(self, model, plan: WidthPlan) -> None:
+        """Spread the plan's MLP units over the layers by measured sensitivity, on the dense model."""
+        order = blocks(model, self.analysis, self.batches, self.layerwise)
+        report = allocate(model, self.analysis, plan, self.targets.allocation, self.batches, order,
+                          getattr(self.config, "importance", "act_weight"), self.targets.round_to, self.device)
+        self._count_forward(report.pop("forward_s", 0.0))
+        self.report["allocation"] = report
 
     def _spanning(self, model, new, plan: WidthPlan, order: Blocks):
         """Groups that span the blocks (and the residual stream): mapped from whole-model statistics first."""

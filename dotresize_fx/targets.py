@@ -10,6 +10,7 @@ from .groups import Analysis, WidthGroup
 
 TARGET_KINDS = ("mlp", "heads", "residual", "channels")
 ResidualMaps = Literal["global", "per_layer"]
+Allocation = Literal["uniform", "curve", "importance"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Targets:
     channels: float | None = None
     round_to: int = 8
     residual_maps: ResidualMaps = "global"   # "per_layer": a basis per block, adapters on the skips (not stock)
+    allocation: Allocation = "uniform"       # how the MLP units kept are spread over the layers (`allocate`)
 
     def __post_init__(self):
         for kind in TARGET_KINDS:
