@@ -98,7 +98,8 @@ def cmd_verify(args) -> dict:
     for c in checks:
         diff = f"max |d output| {c['max_abs_diff']:.3g}"
         print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']:<24} {diff}")
-    result = {"checks": checks, "rotation_skipped": skipped, "rewrite_path": path, "dtype": "float64", "tolerance_scale": "max(1, max |output|)"}
+    result = {"checks": checks, "rotation_skipped": skipped, "rewrite_path": path, "dtype": "float64",
+              "tolerance_scale": "max(1, max |output|)"}
     if not all(c["ok"] for c in checks):
         _write_json(args.json, result)
         bad = [c for c in checks if not c["ok"]]
@@ -115,7 +116,7 @@ def cmd_compress(args) -> dict:
     else:
         options = {k: getattr(args, k) for k in TARGET_KINDS if getattr(args, k) is not None}
         if args.budget is not None:
-            options = {**_budget_options(args), "allocation": "curve"}
+            options = _budget_options(args)
         for key in ("importance", "unmerge", "residual_maps", "allocation"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
@@ -311,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmerge", choices=unmerges, help="select|ls for prune; ot|pinv|ls for dotresize")
     p.add_argument("--allocation", choices=list(get_args(Allocation)),
                    help="how the MLP units kept are spread over the layers: uniform (the same fraction "
-                        "everywhere; default with fractions), curve (least-squares error curves; default with "
-                        "--budget) or importance (one threshold on per-layer normalised importance)")
+                        "everywhere; the default, best measured on SmolLM2's validation split), curve "
+                        "(least-squares error curves) or importance (one threshold on per-layer normalised "
+                        "importance)")
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")

@@ -43,6 +43,7 @@ class WidthPass(PassBase):
 
     name = "width"
     Config: type
+    keep_maps = False   # keep every WidthMap's matrices in `maps` (tests replay them); else only their widths
 
     def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True,
                  device: str = "cpu", inplace: bool = False):
@@ -128,7 +129,11 @@ class WidthPass(PassBase):
         self._count_forward(cal.forward_s)
         maps = {n: self._spanning_map(new, self.analysis.group(n), *plan.widths[n], cal, order) for n in names}
         _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
-        return maps, first.untied, first.notes
+        return self._kept(maps), first.untied, first.notes
+
+    def _kept(self, maps: dict[str, WidthMap]) -> dict:
+        """Applied maps as the pass keeps them: their widths only, so memory does not grow block by block."""
+        return maps if self.keep_maps else {n: w.applied() for n, w in maps.items()}
 
     def _spanning_map(self, model, g: WidthGroup, m, kv, cal: Calibration, order: Blocks) -> WidthMap:
         """One map, or for a per_layer residual one per block plus the last."""
@@ -165,7 +170,7 @@ class WidthPass(PassBase):
                     block_maps = {n: self._map_and_refit(new, n, plan, cal.stats[n], runner, b, dense)
                                   for n in names}
                     apply(new, self.analysis, block_maps, inplace=True, finalize=False)
-                    maps.update(block_maps)
+                    maps.update(self._kept(block_maps))
                 runner.advance(b)
                 if dense is not None:
                     dense[1].advance(b)

@@ -16,7 +16,7 @@ import torch
 from . import families
 from .errors import DotResizeError
 from .groups import Analysis, WidthGroup
-from .maps import WidthMap
+from .maps import Applied, WidthMap
 from .program import patch_constants
 from .residual import SKIP_ADAPTER, residual_ops
 from .sites import linear_ops, site_tensor, transform
@@ -67,7 +67,7 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
     return model, report
 
 
-def finalize(model, analysis: Analysis, maps: dict[str, WidthMap]) -> RewriteReport:
+def finalize(model, analysis: Analysis, maps: dict[str, WidthMap | Applied]) -> RewriteReport:
     """Module attributes and HF config for all `maps` applied so far."""
     report = RewriteReport(widths={n: w.m for n, w in maps.items()})
     _update_module_attrs(model, analysis, maps)
@@ -115,7 +115,7 @@ def _untied(model, before: dict[str, int]) -> list[str]:
     return untied
 
 
-def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap]) -> None:
+def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap | Applied]) -> None:
     families.sync_shapes(model)
     for name, w in maps.items():
         group = analysis.group(name)
@@ -162,7 +162,7 @@ def _share_config(model) -> None:
             mod.config = config
 
 
-def _update_config(model, analysis: Analysis, maps: dict[str, WidthMap], report: RewriteReport) -> None:
+def _update_config(model, analysis: Analysis, maps: dict[str, WidthMap | Applied], report: RewriteReport) -> None:
     config = getattr(model, "config", None)
     by_kind = defaultdict(set)
     for g in analysis.groups:

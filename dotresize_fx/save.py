@@ -95,9 +95,10 @@ def _rebuilds_from_config(model) -> bool:
     """
     from transformers.initialization import no_init_weights
     try:
-        with no_init_weights():
-            fresh = type(model)(copy.deepcopy(model.config)).eval().to(next(model.parameters()).dtype)
-        fresh.load_state_dict(model.state_dict(), strict=True)
+        with no_init_weights():   # allocated, never written: no resident copy of the weights
+            fresh = type(model)(copy.deepcopy(model.config)).eval()
+        fresh.load_state_dict(model.state_dict(), strict=True, assign=True)   # shares the compressed tensors
+        fresh.to(next(model.parameters()).dtype)   # the buffers, as the compressed model holds them
     except Exception as e:  # the config refuses these widths, or builds other shapes
         log.warning("not saved as a stock checkpoint (%s); reload with dotresize_fx.load",
                     str(e).splitlines()[0][:300])

@@ -79,6 +79,7 @@ def test_layer_by_layer_with_per_block_arguments_equals_its_maps_applied_at_once
     batches = [(torch.randint(0, models.VOCAB, (2, 10), generator=torch.Generator().manual_seed(i)),)
                for i in range(3)]
     p = build_pass(PassSpec.parse("dotresize:mlp=0.25")[0], a, inputs, batches)
+    p.keep_maps = True
     layerwise = p(model).graph_module
     assert p.report["layerwise"] and set(p.report["ls_reg"]) == {g.name for g in a.by_kind("mlp")}
     at_once, _ = apply(model, a, p.maps)
