@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .maps import is_selection
+
 
 @dataclass(frozen=True)
 class Importance:
@@ -160,7 +162,4 @@ def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4, prior
 
 def _selected(merge: torch.Tensor) -> torch.Tensor | None:
     """The rows a column-selection matrix keeps (in column order), or None if `merge` is not one."""
-    ones = merge == 1
-    if not bool(((merge == 0) | ones).all() and (ones.sum(0) == 1).all() and (ones.sum(1) <= 1).all()):
-        return None
-    return ones.float().argmax(0)
+    return merge.argmax(0) if is_selection(merge) else None
