@@ -16,7 +16,7 @@ from . import dist
 from .errors import DotResizeError
 from .load import DTYPES
 from .quiet import silence_known
-from .summary import bound_line, print_summary
+from .summary import print_summary
 from .targets import TARGET_KINDS, Allocation
 
 
@@ -186,7 +186,8 @@ def cmd_generate(args) -> dict:
         if tokenizer is None:
             raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
         ids = tokenizer(args.prompt)["input_ids"]
-    r = generate(args.model, ids, args.max_new_tokens, onnx_file=args.onnx_file)
+    r = generate(args.model, ids, args.max_new_tokens, onnx_file=args.onnx_file, batch=args.batch,
+                 threads=args.threads or 2)
     for side in ("torch", "ort"):
         s = r[side]
         text = r.get(f"{side}_text", r[f"{side}_tokens"])
@@ -195,44 +196,18 @@ def cmd_generate(args) -> dict:
     print(f"same greedy tokens under onnxruntime and torch: {r['same_tokens']}"
           + (f"; cached step vs full sequence max |d logits| {r['cache_max_abs_diff']:.2g}"
              if r["cache_max_abs_diff"] is not None else "")
-          + "; the ONNX file has no KV cache yet (each step reruns the prefix)")
+          + ("; onnxruntime decoded through the file's KV cache" if r["ort"]["kv_cache"] else
+             "; the ONNX file has no KV cache (each step reruns the prefix)"))
     if not r["same_tokens"] and args.onnx_file == "model.onnx":   # quantized files are lossy by design
         raise DotResizeError("onnxruntime and torch generated different tokens: the ONNX file is not faithful")
     return r
 
 
-# MLP 1536→1344 (−9.4% non-embedding): larger cuts leave the onnxruntime speed-up too close to (−14.1%) or beyond
-# (−18.7%) the parameter ratio + 0.05 on this model and machine (README, Known limits); mass picked on
-# validation:sotu.
-DEMO_PASSES = "dotresize:mlp=0.125,mass=0.25 quantize:int8"
-
-
 def cmd_demo(args) -> dict:
     """The main job on the embedded default: compress, evaluate, export, validate, quantize, one table."""
-    from .compress import Job, PassSpec, public, run
-    job = Job("smollm2-135m", PassSpec.parse(args.passes), data="sotu", calib_samples=args.calib_samples,
-              seq_len=args.seq_len, eval_tokens=args.eval_tokens, out=args.out, overwrite=True, onnx=True,
-              opset=args.opset)
-    print(f"DOTResize demo on SmolLM2-135M: passes '{args.passes}', SOTU (calibration: addresses before 2000, "
-          f"evaluation: 2000 on), windows of {args.seq_len}, {args.eval_tokens} evaluation tokens")
-    r = public(run(job))
-    o, q = r["onnx"], r["quantized"]
-    dense_mb = r["params_before"] * 4 / 2**20
-    rows = [("", "dense", "compressed", "compressed int8"),
-            ("parameters", f"{r['params_before'] / 1e6:.1f}M", f"{r['params_after'] / 1e6:.1f}M", "same (int8)"),
-            ("non-embedding", f"{r['nonembed_params_before'] / 1e6:.1f}M", f"{r['nonembed_params_after'] / 1e6:.1f}M", ""),
-            ("size on disk", f"{dense_mb:.0f} MB (fp32)", f"{o['size_mb']:.0f} MB (ONNX)", f"{q['size_mb_after']:.0f} MB (ONNX)"),
-            ("perplexity torch", f"{r['ppl_before']:.2f}", f"{r['ppl_after']:.2f}", ""),
-            ("perplexity ORT", "", f"{o['ppl_ort']:.2f}", f"{q['ppl_ort']:.2f}"),
-            ("latency 8x{} ORT".format(args.seq_len), "1.00", f"{o['latency_ratio']:.2f}", ""),
-            ("FLOPs per forward", "1.00", f"{o['flops_ratio']:.2f}", "")]
-    print()
-    for row in rows:
-        print(f"{row[0]:<20}{row[1]:>16}{row[2]:>18}{row[3]:>18}")
-    print(f"\nlatency at 8x{args.seq_len}: {bound_line(o)}")
-    print(f"ONNX parity max |logits ORT - torch| {o['max_abs_diff']:.2g} (tolerance {o['tolerance']}); "
-          f"total {r['timing']['total_s']:.0f} s; outputs in {args.out}")
-    return r
+    from .demo import demo
+    return demo(args.passes, seq_len=args.seq_len, eval_tokens=args.eval_tokens, calib_samples=args.calib_samples,
+                out=args.out, opset=args.opset)
 
 
 def _add_opset(p: argparse.ArgumentParser) -> None:
@@ -273,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="the main job on the embedded default (compress, evaluate, export, validate)")
+    from .demo import DEMO_PASSES
     p.add_argument("--passes", default=DEMO_PASSES)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192)
@@ -337,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
     p.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3 (models without a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, help="decode the prompt this many times at once (speed at batch)")
     p.add_argument("--onnx-file", default="model.onnx", help="the ONNX file in the directory (e.g. model.int4.onnx)")
     p.add_argument("--json", help="write the record here")
     p.set_defaults(func=cmd_generate)

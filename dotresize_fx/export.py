@@ -7,12 +7,14 @@ import inspect
 import logging
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import kvcache
 from .cache import cache_dir
 from .errors import DotResizeError
 from .outputs import main_output, model_outputs
@@ -26,6 +28,7 @@ LATENCY_SLACK = 0.05  # the ONNX speed-up should follow the parameters removed, 
 # opset 18's MatMul/Softmax attention (benchmarks/onnx_opset.py). 18, the exporter's default, is for runtimes
 # without opset 23.
 OPSET = 23
+EXTERNAL_DATA_BYTES = 1 << 30   # weights above this go to external data (protobuf's limit is 2 GB)
 
 
 class _Logits(torch.nn.Module):
@@ -68,37 +71,75 @@ def _native_gqa():
             os.environ[key] = old
 
 
-def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int = OPSET) -> Path:
-    """Export with dynamic batch and sequence; the file is written beside a temporary name, then renamed.
+def to_onnx(model: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int = OPSET,
+            external_data: bool | None = None) -> Path:
+    """Export with dynamic batch and sequence (and past length: a decoder that generates is exported with its KV
+    cache, `kvcache.py`); written in a staging directory, then moved into place (`staged`). `external_data`
+    (default: when the weights pass EXTERNAL_DATA_BYTES) writes the weights to `<file>.data` beside the file,
+    tensor by tensor, instead of one protobuf that would hold a second copy of them (and cannot pass 2 GB).
 
     From opset 23 on, the exporter's own graph rewrites are left out and only constant folding runs: they fuse
     rotary embeddings into `RotaryEmbedding` nodes that onnxruntime 1.32 rejects at run time (cos/sin cache
     shape check), while the `Attention` nodes come from the exporter's op mapping and stay."""
     path = Path(path)
+    module, args, names, outputs, shapes = _signature(model, example_inputs)
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    with staged(path) as tmp:
+        try:
+            with torch.no_grad(), _native_gqa():
+                program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=names,
+                                            output_names=outputs, dynamic_shapes=shapes, verbose=False,
+                                            opset_version=opset, optimize=opset < 23)
+            if opset >= 23:
+                import onnxscript
+                program.model = onnxscript.optimizer.optimize(program.model)
+            program.save(str(tmp), external_data=external_data)
+        except Exception as e:
+            raise DotResizeError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    return path
+
+
+@contextlib.contextmanager
+def staged(path: Path):
+    """Yield a path in a temporary sibling directory to write an ONNX file (and its `<name>.data`) to; on
+    success both are moved into place, the data first, so `path` never names a half-written model; on failure
+    nothing changes."""
+    path = Path(path)
     if not path.parent.is_dir():
         raise DotResizeError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp.onnx")
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        yield Path(tmp) / path.name
+        data, target = Path(tmp) / f"{path.name}.data", path.with_name(f"{path.name}.data")
+        if data.exists():
+            data.replace(target)
+        else:
+            target.unlink(missing_ok=True)   # a stale one from an earlier export of another size
+        (Path(tmp) / path.name).replace(path)
+
+
+def size_mb(path: Path) -> float:
+    """An ONNX file's size on disk with its external data."""
+    data = path.with_name(f"{path.name}.data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 2**20
+
+
+def _signature(model, example_inputs):
+    """(module to export, its example args, input names, output names, dynamic shapes)."""
     ids = example_inputs[0]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    cache = kvcache.layout(model, vocab) if vocab and not ids.is_floating_point() else None
+    if cache is not None:
+        dtype = next(model.parameters()).dtype
+        decoder = kvcache.Decoder(model, cache)
+        return decoder, decoder.example(dtype), cache.input_names, cache.output_names, decoder.dynamic_shapes()
     auto = torch.export.Dim.AUTO
     dims = {0: auto, 1: auto} if not ids.is_floating_point() else {0: auto}
     mask = takes_mask(model, example_inputs)
     args, names, shapes = (ids,), ["input_ids" if not ids.is_floating_point() else "input"], (dims,)
     if mask:
         args, names, shapes = (ids, torch.ones_like(ids)), names + ["attention_mask"], (dims, dict(dims))
-    try:
-        with torch.no_grad(), _native_gqa():
-            program = torch.onnx.export(_Logits(model, mask).eval(), args, dynamo=True, input_names=names,
-                                        output_names=["logits"], dynamic_shapes=shapes, verbose=False,
-                                        opset_version=opset, optimize=opset < 23)
-        if opset >= 23:
-            import onnxscript
-            program.model = onnxscript.optimizer.optimize(program.model)
-        program.save(str(tmp), external_data=False)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise DotResizeError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    tmp.replace(path)
-    return path
+    return _Logits(model, mask), args, names, ["logits"], shapes
 
 
 def session(path: str | Path, threads: int = 2):
@@ -114,7 +155,9 @@ def session(path: str | Path, threads: int = 2):
 
 def _feed(sess, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
     """The session's inputs for `ids` (token ids, or a float input such as images): plus an attention mask
-    (all ones unless given) when the file takes one."""
+    (all ones unless given) when the file takes one, and an empty past when it has a KV cache."""
+    if kvcache.past_inputs(sess):
+        return kvcache.feed(sess, ids, mask)
     first = sess.get_inputs()[0]
     feed = {first.name: ids.astype(np.float32 if first.type == "tensor(float)" else np.int64)}
     if _takes_mask_input(sess):
@@ -185,7 +228,7 @@ def forward_flops(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> i
 def dense_onnx(model: torch.nn.Module, example_inputs: tuple, opset: int = OPSET) -> Path:
     """The reference model's ONNX file, exported once per model content and opset and cached."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)} "
-                       f"{opset} native-gqa".encode())
+                       f"{opset} native-gqa kv-cache".encode())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
     path = cache_dir() / "onnx" / f"dense-{h.hexdigest()[:20]}.onnx"
@@ -209,12 +252,18 @@ def validate(model: torch.nn.Module, onnx_path: Path, windows: torch.Tensor | No
     if windows is not None:
         probe += [windows[:2, : windows.shape[1] // 2]]  # a second (batch, seq): dynamic dims are exercised
     result = {"path": str(onnx_path), "max_abs_diff": parity(sess, model, probe), "tolerance": PARITY_TOL}
+    if kvcache.past_inputs(sess):
+        from .generate import check_generation
+        prompt = (windows if windows is not None else example_inputs[0])[:2, :16]
+        result["generation"] = check_generation(sess, model, prompt)
     if windows is not None:
         ppl_t = ppl_torch or perplexity(model, windows, corpus=corpus, progress=False)["ppl"]
         ppl_o = perplexity(ort_forward(sess), windows, corpus=corpus, progress=False)["ppl"]
         result.update(ppl_torch=ppl_t, ppl_ort=ppl_o, ppl_rel_diff=abs(ppl_o - ppl_t) / ppl_t)
     if dense_model is not None and vocab:
-        dense = session(dense_onnx(dense_model, example_inputs, opset), threads)
+        dense_path = dense_onnx(dense_model, example_inputs, opset)
+        dense = session(dense_path, threads)
+        result["dense_size_mb"] = size_mb(dense_path)
         lat = {f"{b}x{s}": latency([sess, dense], b, s, vocab) for b, s in latency_shapes}
         result["latency_s"] = {k: {"compressed": c, "dense": d} for k, (c, d) in lat.items()}
         b, s = latency_shapes[-1]
@@ -247,6 +296,11 @@ def check(result: dict) -> None:
     if result["max_abs_diff"] > PARITY_TOL:
         raise DotResizeError(f"onnxruntime logits differ from torch by {result['max_abs_diff']:.3g} "
                              f"(tolerance {PARITY_TOL}): the ONNX file is not faithful; report it with --debug")
+    gen = result.get("generation")
+    if gen and not (gen["same_tokens"] and gen["cached_step_max_abs_diff"] <= PARITY_TOL):
+        raise DotResizeError(f"greedy decoding through the ONNX file's KV cache differs from torch (same tokens: "
+                             f"{gen['same_tokens']}, cached step max |d logits| {gen['cached_step_max_abs_diff']:.3g}"
+                             f", tolerance {PARITY_TOL}): the cache is not faithful; report it with --debug")
     if result.get("ppl_rel_diff", 0) > PPL_REL_TOL:
         raise DotResizeError(f"perplexity under onnxruntime {result['ppl_ort']:.3f} vs torch {result['ppl_torch']:.3f} "
                              f"({100 * result['ppl_rel_diff']:.2f}% > {100 * PPL_REL_TOL}%)")

@@ -140,12 +140,15 @@ def _holdout_error(U, A_hold, B_hold) -> float:
     return float((U * (A_hold @ U)).sum() - 2 * (U * B_hold).sum())
 
 
-def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4, prior: torch.Tensor | None = None,
-               holdout: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor | None, reg: float = 1e-4, prior: torch.Tensor | None = None,
+               holdout: torch.Tensor | None = None, rows: tuple | None = None) -> tuple[torch.Tensor, float]:
     """U ≈ (MᵀGM + λI)⁻¹ (MᵀG + λU₀): the least-squares reconstruction of X from XM (`ridge_fit` with
-    H' = XM, H = X; `holdout`: the held-out rows' share of G, to pick λ)."""
+    H' = XM, H = X; `holdout`: the held-out rows' share of G, to pick λ). `rows`: (X, held-out mask) when
+    fewer rows than channels were observed; a selection is then solved in the row space (`ridge_rows`)."""
     kept = _selected(merge)
     if kept is None or prior is None or not torch.equal(prior, merge.T):
+        if gram is None:
+            raise ValueError("ls_unmerge: a merge that is not a selection needs the Gram, not rows")
         hold = (None, None) if holdout is None else (merge.T @ holdout @ merge, merge.T @ holdout)
         return ridge_fit(merge.T @ gram @ merge, merge.T @ gram, reg, prior, *hold)
     # a selection S with prior Sᵀ: SᵀGS and SᵀG are rows and columns of G, and on the kept channels
@@ -153,11 +156,47 @@ def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor, reg: float = 1e-4, prior
     # columns are solved (their held-out error is the only part that depends on λ)
     removed = torch.ones(merge.shape[0], dtype=torch.bool)
     removed[kept] = False
-    hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
-    R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
+    if rows is not None:
+        X, held = rows
+        R, lam = ridge_rows(X[:, kept], X[:, removed], held, reg)
+    else:
+        hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
+        R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
     U = prior.clone()
     U[:, removed] = R
     return U, lam
+
+
+def ridge_rows(Xk: torch.Tensor, Xr: torch.Tensor, held: torch.Tensor, reg: float) -> tuple[torch.Tensor, float]:
+    """`ridge_fit` toward 0 with A = X_kᵀX_k, B = X_kᵀX_r, solved in the row space when there are fewer rows N
+    than channels: R = (X_kᵀX_k + λ'I)⁻¹X_kᵀX_r = X_kᵀ(K + λ'I)⁻¹X_r with K = X_kX_kᵀ (N×N, the push-through
+    identity), λ' = λ·tr(K)/n_k as in `_ridge`. The held-out scan eigendecomposes the fit rows' K = QΣQᵀ
+    once, so every λ costs a product: the held-out prediction is P·diag(1/(σ + λ'))·Z with P = X_kH X_kFᵀ Q
+    and Z = QᵀX_rF. Same λ and R as the Gram path (to rounding), at O(N²n) instead of O(n³)."""
+    fit, lam = ~held, reg
+    if held.any() and fit.any():
+        lam = _pick_reg_rows(Xk[fit], Xr[fit], Xk[held], Xr[held], sorted({reg, *LS_REGS}))
+    if math.isinf(lam):
+        return torch.zeros(Xk.shape[1], Xr.shape[1], dtype=Xk.dtype), lam
+    K = Xk @ Xk.T
+    shift = lam * (K.diagonal().sum() / Xk.shape[1]).clamp_min(1e-12)
+    return Xk.T @ torch.linalg.solve(K + shift * torch.eye(K.shape[0], dtype=K.dtype), Xr), lam
+
+
+def _pick_reg_rows(Xk_f, Xr_f, Xk_h, Xr_h, regs: list[float]) -> float:
+    """`_pick_reg` in the row space: held-out error ‖Y‖² − 2⟨Y, X_rH⟩ of the prediction Y = X_kH·R(λ)."""
+    K = Xk_f @ Xk_f.T
+    sigma, Q = torch.linalg.eigh(K)
+    P, Z = Xk_h @ (Xk_f.T @ Q), Q.T @ Xr_f
+    scale = (K.diagonal().sum() / Xk_f.shape[1]).clamp_min(1e-12)
+    best, best_err = regs[0], math.inf
+    for lam in regs:
+        Y = torch.zeros_like(Xr_h) if math.isinf(lam) else P @ (Z / (sigma.clamp_min(0) + lam * scale)[:, None])
+        err = float((Y * Y).sum() - 2 * (Y * Xr_h).sum())
+        if err >= best_err:
+            break
+        best, best_err = lam, err
+    return best
 
 
 def _selected(merge: torch.Tensor) -> torch.Tensor | None:

@@ -30,5 +30,6 @@ def silence_known() -> None:
         logging.getLogger(name).setLevel(level)
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropKnown())
+    root = logging.getLogger()   # they are logged on the root logger itself: its own filter sees them
+    if not any(isinstance(f, _DropKnown) for f in root.filters):
+        root.addFilter(_DropKnown())

@@ -7,6 +7,7 @@ compressed model, the directory is also a Hugging Face checkpoint (`from_pretrai
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -49,7 +50,7 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
     check_output_dir(out, source, overwrite)
     if program_inputs is not None:
         return _save_program(model, out, source, tokenizer, report, overwrite, program_inputs)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp, _cache_on(model):
         stock = stock and hasattr(model, "save_pretrained") and _rebuilds_from_config(model)
         if stock:
             try:
@@ -68,6 +69,22 @@ def save(model: torch.nn.Module, out: str | Path, *, source: str, tokenizer=None
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return out
+
+
+@contextlib.contextmanager
+def _cache_on(model):
+    """A saved decoder generates with its KV cache (the Hugging Face default): `load` turns the cache off for the
+    toolkit's own forwards, and a checkpoint saved that way would make `generate` recompute every token."""
+    from .kvcache import generates
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache") or not generates(model):
+        yield
+        return
+    old, config.use_cache = config.use_cache, True
+    try:
+        yield
+    finally:
+        config.use_cache = old
 
 
 def _save_program(model, out: Path, source: str, tokenizer, report, overwrite: bool, inputs: tuple) -> Path:

@@ -15,7 +15,7 @@ import torch
 
 from .errors import DotResizeError
 from .groups import Member, WidthGroup
-from .maps import WidthMap, expand_units, selection_matrix
+from .maps import WidthMap, expand_units, is_selection, selection_matrix
 
 Sites = dict[tuple[str, str], list]
 
@@ -74,13 +74,20 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
                 raise DotResizeError(f"overlapping segments on one parameter dim ({off} < {pos})")
             if off > pos:
                 pieces.append(P.narrow(dim, pos, off - pos))
-            chunk = P.narrow(dim, off, length).movedim(dim, -1) @ A.to(device=P.device, dtype=P.dtype)
-            pieces.append(chunk.movedim(-1, dim))
+            pieces.append(_times(P.narrow(dim, off, length).movedim(dim, -1), A).movedim(-1, dim))
             pos = off + length
         if pos < P.shape[dim]:
             pieces.append(P.narrow(dim, pos, P.shape[dim] - pos))
         P = torch.cat(pieces, dim=dim)
     return P.contiguous()
+
+
+def _times(chunk: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """chunk·A. A selection (one 1 per column) is an index instead of an n×m product: exact, and the product
+    in float64 was half of a prune pass's time (835M: 5632×4224 maps on three 2048-wide weights per block)."""
+    if is_selection(A):
+        return chunk.index_select(-1, A.argmax(0).to(chunk.device))
+    return chunk @ A.to(device=chunk.device, dtype=chunk.dtype)
 
 
 def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:

@@ -38,13 +38,20 @@ def print_summary(r: dict) -> None:
         if "latency_bound" in o:
             line += f"; {bound_line(o)}"
         print(line)
+        if o.get("generation"):
+            g = o["generation"]
+            print(f"KV cache: greedy tokens under onnxruntime equal torch's: {g['same_tokens']} ({g['tokens']} tokens "
+                  f"x {g['batch']} rows); cached step max |d logits| {g['cached_step_max_abs_diff']:.2g}")
     if r.get("quantized"):
         q = r["quantized"]
-        line = (f"{q['scheme']} {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
+        line = (f"{q['name']} {q['path']}: {q['quantized_nodes']}/{q['matmul_nodes']} MatMuls quantized, "
                 f"{q['size_mb_before']:.1f} MB -> {q['size_mb_after']:.1f} MB")
         if "ppl_ort" in q:
             line += f", perplexity ORT {q['ppl_ort']:.3f}"
         print(line)
+    for batch, files in r.get("decode", {}).items():
+        print(f"decode tokens/s at {batch}: " + ", ".join(
+            f"{name} {s['decode_tokens_per_s']:.1f} (±{100 * s['decode_spread']:.0f}%)" for name, s in files.items()))
 
 
 def bound_line(o: dict) -> str:

@@ -37,7 +37,9 @@ class PruneConfig:
 def keep_units(model, g: WidthGroup, stats: Stats | None, importance: str, m: int,
                kv_after: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The units a selection keeps: (q heads or channels, kv heads or None)."""
-    mean_sq, gram = (stats.mean_sq, stats.gram) if stats is not None else (None, None)
+    mean_sq = stats.mean_sq if stats is not None else None
+    # the Gram only for an importance that selects from it (forming it costs n² per row when rows are kept)
+    gram = stats.gram if stats is not None and fit.IMPORTANCES[importance].select is not None else None
     norms = consumer_norms(model, g)
     if g.kind == "heads" and g.kv_heads != g.size:
         return fit.keep_heads(fit.scores(importance, mean_sq, norms, g.unit), g.kv_heads, m, kv_after)
@@ -59,7 +61,9 @@ class PrunePass(WidthPass):
         w = WidthMap.selection(g.name, g.size, keep, g.kv_heads if kv_keep is not None else None, kv_keep)
         if self.config.unmerge == "ls" and not self.refits(g):
             S = expand_units(selection_matrix(g.size, w.keep), g.unit)
-            U, lam = fit.ls_unmerge(S, stats.gram, self.config.ls_reg, prior=S.T, holdout=stats.holdout)
+            rows = stats.rows
+            U, lam = fit.ls_unmerge(S, stats.gram if rows is None else None, self.config.ls_reg, prior=S.T,
+                                    holdout=None if rows is not None else stats.holdout, rows=rows)
             self.record_ls(g, lam)
             w.set_channel_unmerge(U, g.unit)
         return w

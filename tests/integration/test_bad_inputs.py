@@ -108,3 +108,14 @@ def test_text_too_short_for_the_calibration(tmp_path, capsys):
                           "--calib-samples", "40", data=str(tmp_path / "short.txt")), capsys,
                 "too few for 40 windows of 16",
                 "lower --calib-samples", out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("passes,words", [
+    ("prune:mlp=0.25 quantize:int8,block_size=32", ["block_size", "weight_only=1"]),
+    ("prune:mlp=0.25 quantize:int4,per_channel=1", ["per_channel", "block_size"]),
+    ("prune:mlp=0.25 quantize:int8,weight_only=1,algo=hqq", ["hqq", "4-bit only"]),
+])
+def test_quantize_options_that_do_not_apply_are_refused(passes, words, tmp_path, capsys):
+    """An option the scheme would ignore is an error before any work is done."""
+    _fails_with(_compress(f"{MODELS}:llama", tmp_path, "--passes", passes), capsys, *words,
+                out=tmp_path / "out")

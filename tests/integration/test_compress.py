@@ -53,6 +53,8 @@ def test_mlp_quarter_gives_intermediate_size_and_probe_change(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["intermediate_size"] == 72
     assert report["passes"][0]["probe_max_abs_diff"] > 0
+    # the checkpoint generates with its KV cache, as the source did; the in-memory model is left as it was
+    assert cfg["use_cache"] is True and report["_model"].config.use_cache is False
 
 
 def test_residual_reduction_saves_llama_config_with_head_dim(tmp_path):
@@ -230,7 +232,8 @@ def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, 
         assert torch.equal(load(tmp_path / "out").model(ids).logits, want)
         model.model.layers[0].skip_adapter.zero_()  # the adapter is really on the path
         assert (model(ids).logits - want).abs().max() > 1e-3
-    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
+    from dotresize_fx.export import _feed
+    got = sess.run(["logits"], _feed(sess, ids.numpy()))[0]
     assert abs(got - want.numpy()).max() < 1e-4
 
 

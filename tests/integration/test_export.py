@@ -8,12 +8,14 @@ import torch
 import models
 from dotresize_fx.cli import main
 from dotresize_fx.errors import DotResizeError
-from dotresize_fx.export import LATENCY_SLACK, PARITY_TOL, check, latency_bound, to_onnx
+from dotresize_fx import kvcache
+from dotresize_fx.export import LATENCY_SLACK, PARITY_TOL, _feed, check, latency_bound, to_onnx
 
 
 @pytest.mark.parametrize("arch,opset", [("llama", 23), ("llama", 18), ("nanogpt", 23)])
 def test_onnx_matches_torch_at_two_shapes(arch, opset, tmp_path):
-    """Llama's SDPA becomes one ONNX Attention node from opset 23 on; nanoGPT's explicit math stays MatMuls."""
+    """Llama's SDPA becomes one ONNX Attention node from opset 23 on; nanoGPT's explicit math stays MatMuls.
+    A decoder that generates is exported with its KV cache; a full sequence runs with an empty past."""
     model, inputs = getattr(models, arch)()
     path = to_onnx(model, inputs, tmp_path / "m.onnx", opset)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -21,18 +23,16 @@ def test_onnx_matches_torch_at_two_shapes(arch, opset, tmp_path):
     if "Attention" in ops:  # grouped-query keys and values reach the Attention node unrepeated (2 kv heads)
         graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
         shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-                  for v in graph.value_info}
+                  for v in [*graph.value_info, *graph.input, *graph.output]}
         attention = [n for n in graph.node if n.op_type == "Attention"]
         assert attention and all(shapes[n.input[1]][1] == shapes[n.input[2]][1] == 2 for n in attention)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    assert names == (["input_ids", "attention_mask"] if arch == "llama" else ["input_ids"])
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert names == (["input_ids", "attention_mask", "position_ids", *past] if arch == "llama" else ["input_ids"])
     for shape in [(2, 10), (3, 17)]:
         ids = torch.randint(0, 128, shape)
-        feed = {"input_ids": ids.numpy().astype(np.int64)}
-        if "attention_mask" in names:
-            feed["attention_mask"] = np.ones(shape, dtype=np.int64)
-        got = sess.run(None, feed)[0]
+        got = sess.run(["logits"], _feed(sess, ids.numpy()))[0]
         with torch.no_grad():
             out = model(ids)
             want = (out.logits if hasattr(out, "logits") else out).numpy()
@@ -46,12 +46,34 @@ def test_onnx_attention_mask_pads_like_torch(tmp_path):
     ids = torch.randint(0, 128, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
-    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    got = sess.run(["logits"], _feed(sess, ids.numpy(), mask.numpy()))[0]
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits.numpy()
         unmasked = model(ids).logits.numpy()
     assert np.abs(got - want)[0, 4:].max() < PARITY_TOL and np.abs(got - want)[1].max() < PARITY_TOL
     assert np.abs(want - unmasked)[0, 4:].max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_kv_cache_onnx_generates_torchs_greedy_tokens(arch, tmp_path):
+    """GQA with RoPE, Gemma 3's sliding windows (window 4, shorter than the 17 positions decoded) with one kv
+    head, GPT-2's learned positions: onnxruntime decoding through the file's cache gives the tokens torch gives
+    by recomputing the whole sequence each step, for every row of a batch; the present tensors grow by one
+    position per step."""
+    model, inputs = getattr(models, arch)()
+    sess = ort.InferenceSession(str(to_onnx(model, inputs, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    tokens, _, _ = kvcache.greedy(sess, ids.numpy(), 8)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tokens.shape == (3, 8) and (tokens == seq[:, 9:].numpy()).all()
+    out = sess.run(None, kvcache.feed(sess, ids[:, :4].numpy()))
+    step = sess.run(None, kvcache.feed(sess, ids[:, 4:5].numpy(), past=out[1:]))
+    assert out[1].shape[2] == 4 and step[1].shape[2] == 5
+    with torch.no_grad():
+        assert np.abs(step[0][:, -1] - model(ids[:, :5]).logits[:, -1].numpy()).max() < PARITY_TOL
 
 
 def test_failed_validation_says_by_how_much():
@@ -98,18 +120,85 @@ def test_latency_bound_is_the_parameter_ratio_plus_slack():
 
 
 def test_int4_weights_and_greedy_generation_match_torch(tmp_path):
-    """quantize:int4 writes MatMulNBits nodes; greedy tokens of the float ONNX equal torch's, and torch's cached
-    step gives the full-sequence logits."""
+    """quantize:int4 writes MatMulNBits nodes; greedy tokens of the float ONNX, decoded through its KV cache,
+    equal torch's, and torch's cached step gives the full-sequence logits. The cache inputs have the resized
+    kv head count (2 → 1)."""
     import json
     from dotresize_fx.cli import main
     out = tmp_path / "o"
-    assert main(["compress", f"{models.__file__}:llama", "--passes", "prune:mlp=0.25 quantize:int4,block_size=32",
-                 "--data", "random", "--calib-samples", "2", "--out", str(out)]) == 0
+    assert main(["compress", f"{models.__file__}:llama", "--passes",
+                 "prune:mlp=0.25,heads=0.5 quantize:int4,block_size=32", "--data", "random", "--calib-samples", "2",
+                 "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     q = report["quantized"]
     assert q["scheme"] == "int4" and q["quantized_nodes"] == q["matmul_nodes"] > 0
     assert q["size_mb_after"] < 0.7 * q["size_mb_before"]   # the float embedding (a Gather) stays
-    assert main(["generate", str(out), "--prompt-ids", "5,9,2,7", "--max-new-tokens", "6", "--json",
-                 str(tmp_path / "g.json")]) == 0
+    assert report["onnx"]["generation"]["same_tokens"]
+    assert report["onnx"]["generation"]["cached_step_max_abs_diff"] < PARITY_TOL
+    for batch in ("batch1", "batch8"):   # decode speed of the dense, compressed and int4 files, side by side
+        speeds = report["decode"][batch]
+        assert list(speeds) == ["dense", "compressed", "compressed int4"]
+        assert all(s["decode_tokens_per_s"] > 0 and s["decode_spread"] >= 0 for s in speeds.values())
+    past = kvcache.past_inputs(ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]))
+    assert [i.shape[1] for i in past] == [1] * 4
+    assert main(["generate", str(out), "--prompt-ids", "5,9,2,7", "--max-new-tokens", "6", "--batch", "2",
+                 "--json", str(tmp_path / "g.json")]) == 0
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["same_tokens"] and len(g["torch_tokens"]) == 6 and g["cache_max_abs_diff"] < 1e-4
+    assert g["ort"]["kv_cache"] and g["batch"] == 2
+
+
+def test_int8_weight_only_is_block_wise_8_bit_and_close_to_float(tmp_path):
+    from passes.quantize import QuantizeConfig, quantize_onnx
+    model, inputs = models.llama()
+    path = to_onnx(model, inputs, tmp_path / "m.onnx")
+    q = quantize_onnx(path, tmp_path / "q.onnx", QuantizeConfig("int8", weight_only=True, block_size=32))
+    nodes = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert q["bits"] == 8 and len(nodes) == q["matmul_nodes"] == 15
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nodes)
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = sess.run(["logits"], _feed(sess, ids.numpy()))[0]
+    assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.03   # 8 bits: ~1% on random weights
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_a_tied_head_is_quantized_when_asked(head, tmp_path):
+    """A head tied to the embedding reads it through a Transpose that no quantizer touches: with head=1 it gets
+    its own weight and becomes MatMulNBits (the embedding's Gather stays float); with head=0 it stays MatMul."""
+    from transformers import LlamaConfig
+    from passes.quantize import QuantizeConfig, quantize_onnx
+    model, inputs = models._hf(LlamaConfig, **models.SMALL, tie_word_embeddings=True)
+    path = to_onnx(model, inputs, tmp_path / "m.onnx")
+    q = quantize_onnx(path, tmp_path / "q.onnx", QuantizeConfig("int4", block_size=32, head=head))
+    assert q["head_quantized"] == head and len(q["float_matmuls"]) == (0 if head else 1)
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7 + head and "Gather" in ops
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    got = sess.run(["logits"], _feed(sess, ids.numpy()))[0]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)   # 4-bit weights: close to float, not equal
+    assert got.shape == want.shape and 0 < rel < 0.25
+
+
+def test_external_data_file_runs_and_quantizes_beside_its_data(tmp_path):
+    """Weights in `<file>.data` (automatic above 1 GB; forced here): the file loads with its data, matches
+    torch, quantizes to a file with its own data, and no staging directory is left behind."""
+    from passes.quantize import QuantizeConfig, quantize_onnx
+    model, inputs = models.llama()
+    path = to_onnx(model, inputs, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > (tmp_path / "m.onnx").stat().st_size
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert np.abs(sess.run(["logits"], _feed(sess, ids.numpy()))[0] - model(ids).logits.numpy()).max() < PARITY_TOL
+    q = quantize_onnx(path, tmp_path / "q.onnx", QuantizeConfig("int4", block_size=32))
+    assert (tmp_path / "q.onnx.data").exists() and q["quantized_nodes"] == q["matmul_nodes"]
+    assert ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "q.onnx", "q.onnx.data"]
+    to_onnx(model, inputs, path)   # a smaller export over it removes the stale data file
+    assert not (tmp_path / "m.onnx.data").exists()

@@ -1,6 +1,7 @@
 """The embedded model (SmolLM2-135M, float32): marked slow, run with `make test-slow`."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,11 @@ def test_prune_mlp_quarter_reloads_in_stock_transformers(tmp_path):
     # the ONNX file, checked here independently of the toolkit's own report
     import onnxruntime as ort
     sess = ort.InferenceSession(str(tmp_path / "p" / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
+    empty = np.zeros((1, 3, 0, 64), np.float32)   # the KV cache: 3 kv heads of 64, no past yet
+    feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(),
+            "position_ids": np.arange(ids.shape[1])[None], **{f"past_key_values.{i}.{kv}": empty
+                                                              for i in range(30) for kv in ("key", "value")}}
+    got = sess.run(["logits"], feed)[0]
     assert abs(got - stock(ids).logits.detach().numpy()).max() < 1e-3
     assert r["ppl_after"] > r["ppl_before"] and r["ppl_before"] == pytest.approx(json.loads(
         (tmp_path / "p" / "report.json").read_text())["ppl_before"])
