@@ -81,7 +81,7 @@ def _print_table(r: dict, seq_len: int) -> None:
     rows.append(cells(f"latency 8x{seq_len}", "1.00", f"{o['latency_ratio']:.2f}"))
     print()
     for row in rows:
-        print(f"{row[0]:<18}" + "".join(f"{cell:>22}" for cell in row[1:]))
+        print(f"{row[0]:<18}" + "".join(f"{cell:>24}" for cell in row[1:]))
     print()
     for label, text in r["texts"].items():
         print(f"{label}: {text!r}")
