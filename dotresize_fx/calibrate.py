@@ -87,9 +87,11 @@ class Stats:
         return diag / max(self.count, 1)
 
     def __add__(self, other: "Stats") -> "Stats":
-        out = Stats(self.n, self._holdout is not None and other._holdout is not None)
-        for s in (self, other):
-            out._absorb(s)
+        """The pooled statistics (as Grams: a sum need not keep rows)."""
+        out = Stats(self.n)
+        out._gram, out.count = self.gram + other.gram, self.count + other.count
+        if self._holdout is not None and other._holdout is not None:
+            out._holdout = self.holdout + other.holdout
         return out
 
     def reduce(self) -> "Stats":
@@ -113,22 +115,6 @@ class Stats:
         self._gram += _xty(x, x)
         if self._holdout is not None:
             self._holdout += _xty(x[held], x[held])
-
-    def _absorb(self, other: "Stats") -> None:
-        self._gram += other._gram
-        if self._holdout is not None:
-            self._holdout += other._holdout
-        self.count += other.count
-        if self.kept_rows is not None and other.kept_rows is not None:
-            self.kept_rows += other.kept_rows
-        else:
-            self._form_gram()
-            for x, held in other.kept_rows or []:
-                self._gram += x.T @ x
-                if self._holdout is not None:
-                    self._holdout += x[held].T @ x[held]
-        if self.count >= self.n:
-            self._form_gram()
 
     def _form_gram(self) -> None:
         """Fold the kept rows into the Gram and stop keeping them."""
