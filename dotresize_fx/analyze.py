@@ -66,6 +66,7 @@ class Walker:
         self.head_dims: list[int] = []               # head_dim atoms of attention (q/k's and v/o's)
         self.equal_splits: list[tuple[torch.fx.Node, list[int]]] = []  # chunk / split(int): (node, part atoms)
         self.unbound: list[int] = []                 # dims unbound into separate tensors (qkv's 3)
+        self.folded: dict[str, int] = {}             # symbolic size (as "4*s24") → the width folded into it
 
     # -- helpers the rules use ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:

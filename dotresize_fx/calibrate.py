@@ -19,6 +19,7 @@ from . import dist
 from .errors import DotResizeError
 from .groups import Analysis, Member, WidthGroup
 from .outputs import model_outputs
+from .rules import packet
 
 HOLDOUT_BLOCK, HOLDOUT_EVERY = 64, 5
 
@@ -233,7 +234,26 @@ def observe_consumer(model, group: WidthGroup, sink):
     n_ch, inner = group.size * group.unit, group.inner(consumer)
     off, length = consumer.offset, consumer.length or n_ch
 
-    def on_input(_module, args):
-        x = args[0].movedim(channel_dim, -1)[..., off:off + length]
+    def on_input(x):
+        x = x.movedim(channel_dim, -1)[..., off:off + length]
         sink(x if inner == 1 else x.unflatten(-1, (n_ch, inner)).transpose(-1, -2))
-    return model.get_submodule(consumer.module).register_forward_pre_hook(on_input)
+    module = model.get_submodule(consumer.module)
+    if isinstance(getattr(module, "graph", None), torch.fx.Graph):
+        return _NodeObserver(module.graph, consumer.node, on_input)
+    return module.register_forward_pre_hook(lambda _module, args: on_input(args[0]))
+
+
+class _NodeObserver:
+    """An observation inserted into a graph interpreter's graph, on the data input of one node: on the program
+    path a consumer can sit inside a larger module's forward (nn.MultiheadAttention's out projection), where
+    the module's own inputs are not the consumer's. `remove()` takes it out again, as a hook handle does."""
+
+    def __init__(self, graph: torch.fx.Graph, node_name: str, fn):
+        node = next(n for n in graph.nodes if n.name == node_name)
+        data = node.args[1] if packet(node.target) is torch.ops.aten.addmm else node.args[0]
+        self.graph = graph
+        with graph.inserting_before(node):
+            self.node = graph.call_function(fn, (data,))
+
+    def remove(self) -> None:
+        self.graph.erase_node(self.node)

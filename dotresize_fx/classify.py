@@ -183,10 +183,14 @@ def _heads(w, g: WidthGroup, key: int, entries) -> None:
 
 def _residual(w, g: WidthGroup, key: int) -> list[str]:
     g.kind = "residual"
-    adding = _norms_feeding_adds(w, key)       # norm module → whether its own input is the stream (an add)
-    post = sorted(m for m, on_stream in adding.items() if on_stream)
-    branch = sorted(m for m, on_stream in adding.items() if not on_stream)
-    g.norm_position = "post" if post else "branch" if branch else "pre"
+    inline = _inline_norms(w, key, g.norms)
+    if inline:
+        return [f"normalised by a norm written inline in {inline[0]}'s forward (beside its residual add): the "
+                "residual rewrite folds gains through norm modules, so keep this width, or make the norm an "
+                "nn.LayerNorm / RMSNorm module (MLP and heads groups stay resizable)"]
+    adding = _norms_feeding_adds(w, key)       # norm module → "post" | "branch" | "start"
+    post, branch, start = (sorted(m for m, where in adding.items() if where == k) for k in ("post", "branch", "start"))
+    g.norm_position = "post" if post else "branch" if branch else "start" if start else "pre"
     g.channelwise = sorted({f"aten.{op} in {mod or '<root>'}" for a, op, mod in w.channelwise
                             if w.s.find(a) == key and mod not in g.norms})
     _mark_norm_readers(w, g)
@@ -197,7 +201,23 @@ def _residual(w, g: WidthGroup, key: int) -> list[str]:
         return [f"a gain applied to a branch's output before the residual add ({branch[0]}"
                 + (f" and {len(branch) - 1} more" if len(branch) > 1 else "") + ") does not commute with a "
                 "rotation of the stream (MLP and heads groups stay resizable)"]
+    if start:
+        return [f"the stream starts at a norm's output ({start[0]}, e.g. a stem's LayerNorm): the stream's first "
+                "producer is that norm, whose gain does not commute with a rotation and which no weight before it "
+                "can absorb (MLP and heads groups stay resizable)"]
     return []
+
+
+def _inline_norms(w, key: int, norms: list[str]) -> list[str]:
+    """Norm "modules" that also add to the stream: a functional norm in a block's forward (`F.layer_norm`),
+    so the module is the block, not a norm whose gains could be folded."""
+    found = set()
+    for node in w.c.graph.nodes:
+        mod = w.c.node_module.get(node.name)
+        if mod in norms and packet(node.target) in _ADDS and all(
+                any(w.s.find(a) == key for a in w.dims(x)) for x in node.args[:2]):
+            found.add(mod)
+    return sorted(found)
 
 
 def _mark_norm_readers(w, g: WidthGroup) -> None:
@@ -217,12 +237,14 @@ def _mark_norm_readers(w, g: WidthGroup) -> None:
 _ADDS = (aten.add, aten.add_)
 
 
-def _norms_feeding_adds(w, key: int) -> dict[str, bool]:
-    """Norms whose output (through casts/dropout) feeds a residual add, and whether each one's input is itself
-    the stream (an add: post-LN, as BERT) or a branch's output (Gemma's and OLMo-2's post-branch norms)."""
+def _norms_feeding_adds(w, key: int) -> dict[str, str]:
+    """Norms whose output (through casts/dropout) feeds a residual add, and where each one sits: "post" when its
+    input is itself the stream (an add: post-LN, as BERT), "branch" when it normalises a branch's output that
+    only the add reads (Gemma's and OLMo-2's post-branch norms), "start" when its output is the stream itself,
+    read by the branch too (a stem's norm, as ConvNeXt's)."""
     found = {}
     for module, (first, last) in _norm_nodes(w, key).items():
-        frontier = [last]
+        frontier, adds, others = [last], False, False
         while frontier:
             x = frontier.pop()
             for user in x.users:
@@ -230,7 +252,11 @@ def _norms_feeding_adds(w, key: int) -> dict[str, bool]:
                 if op in SAME_SHAPE:
                     frontier.append(user)
                 elif op in _ADDS:
-                    found[module] = _comes_from_add(first)
+                    adds = True
+                else:
+                    others = True
+        if adds:
+            found[module] = "post" if _comes_from_add(first) else "start" if others else "branch"
     return found
 
 

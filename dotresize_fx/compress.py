@@ -276,7 +276,8 @@ def _export_and_validate(job, report, compressed, dense, inputs, windows, quanti
     from .export import check, latency_bound, size_mb, to_onnx, validate
     t = time.perf_counter()
     path = to_onnx(compressed, inputs, Path(job.out) / "model.onnx", job.opset)
-    vocab = getattr(getattr(dense, "config", None), "vocab_size", None)
+    # token ids in, logits out: a CTC or classification head over audio or images also has a vocab_size
+    vocab = None if inputs[0].is_floating_point() else getattr(getattr(dense, "config", None), "vocab_size", None)
     report["onnx"] = validate(compressed, path, windows, inputs, dense_model=dense, vocab=vocab, corpus=job.data,
                               latency_shapes=((1, job.seq_len), (8, job.seq_len)), ppl_torch=report["ppl_after"],
                               opset=job.opset)

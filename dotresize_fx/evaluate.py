@@ -39,8 +39,8 @@ def parameter_counts(model: torch.nn.Module) -> dict:
     """
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())
-    embedding = _input_embedding(model)
-    embed = embedding.weight.numel() if embedding is not None else 0
+    weight = getattr(_input_embedding(model), "weight", None)   # a vision model's "input embeddings" are a patch
+    embed = weight.numel() if isinstance(weight, torch.Tensor) else 0  # conv module, counted as non-embedding
     return {"total": total, "non_embedding": total - embed}
 
 

@@ -47,7 +47,14 @@ def _norm(mod, w):
 
 
 def _conv(mod, w):
-    mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
+    """(out, in/groups, k…), or (in, out/groups, k…) when transposed; a depthwise conv (groups = channels)
+    keeps one filter per channel."""
+    if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
+        mod.groups = mod.in_channels = mod.out_channels = w.shape[0]
+    elif mod.transposed:
+        mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+    else:
+        mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
 
 
 def _batch_norm(mod, w):

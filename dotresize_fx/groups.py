@@ -37,6 +37,7 @@ class Constant:
     factor: int              # value = count × factor (e.g. factor = head_dim for a merged heads × head_dim)
     per: str = "units"       # the count: the group's units (q heads, channels) or, for GQA, its "kv" heads
     module: str = ""         # the module whose graph holds the node
+    symbolic: bool = False   # the entry is value × a symbolic size (heads folded into the batch: `4 * B`)
 
     def resized(self, units: int, kv: int | None) -> int:
         return (kv if self.per == "kv" else units) * self.factor
@@ -53,7 +54,7 @@ class WidthGroup:
     constants: list[Constant] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)       # modules that normalise this width (read through a norm)
     centred: bool = False                               # those norms subtract the mean (aten.layer_norm)
-    norm_position: str | None = None                    # "pre" | "post" for a residual stream
+    norm_position: str | None = None                    # "pre" | "post" | "branch" | "start" (residual)
     tied: list[list[str]] = field(default_factory=list)
     channelwise: list[str] = field(default_factory=list)  # residual: ops outside norms acting per channel
     resizable: bool = True

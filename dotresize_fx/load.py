@@ -171,6 +171,8 @@ def load_compressed(path: str | Path):
     if plan.get("path") == "program":
         return _load_program_dir(path, plan)
     source = load(plan["source"], plan.get("dtype", "auto"))
+    if plan.get("stock"):
+        return _load_stock_dir(path, source)
     model = source.model
     tied = {n: group for group in plan["tied"] for n in group}
     made = {}
@@ -215,6 +217,20 @@ def load_compressed(path: str | Path):
                 setattr(config, key, value)
     tokenizer = source.tokenizer
     return Loaded(model.eval(), tokenizer, source.example_inputs)
+
+
+def _load_stock_dir(path: Path, source: Loaded) -> Loaded:
+    """A stock checkpoint is read as Hugging Face reads it: `save_pretrained` may have renamed the weights to the
+    checkpoint layout of the family (transformers' conversion maps, e.g. ViT's), which only `from_pretrained`
+    undoes. The source gives the class, the example inputs and the tokenizer."""
+    try:
+        model = type(source.model).from_pretrained(path, dtype=model_dtype(source.model))
+    except Exception as e:
+        raise DotResizeError(f"{path} is a stock checkpoint that does not load ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]}); compress again") from e
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return Loaded(model.eval(), _saved_tokenizer(path) or source.tokenizer, source.example_inputs)
 
 
 def _load_program_dir(path: Path, plan: dict) -> Loaded:

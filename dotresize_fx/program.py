@@ -10,6 +10,8 @@ path (parameters + config → a stock checkpoint), which the families' attribute
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .capture import capture
@@ -60,11 +62,18 @@ def patch_constants(model: torch.nn.Module, analysis: Analysis, maps: dict) -> l
                 args[c.arg] = new
             else:
                 sizes = list(args[c.arg])
-                sizes[c.index] = new
+                sizes[c.index] = _rescaled(graph, node, sizes[c.index], c.value, new) if c.symbolic else new
                 args[c.arg] = sizes
             node.args = tuple(args)
             patched.append(f"{c.module or '<root>'}.{c.node}: {c.value} → {new}")
     return patched
+
+
+def _rescaled(graph: torch.fx.Graph, node, size: torch.fx.Node, old: int, new: int) -> torch.fx.Node:
+    """`size` = old × s (a symbolic s) becomes new × s, computed for this node alone: the product may be shared
+    with other layers, whose widths change on their own."""
+    with graph.inserting_before(node):
+        return graph.call_function(operator.floordiv, (graph.call_function(operator.mul, (size, new)), old))
 
 
 def save_program(model: torch.nn.Module, inputs: tuple, path) -> None:

@@ -112,14 +112,14 @@ def reshape(w, n, out) -> None:
         w.pin_node(src, reason)
         w.pin_node(n, reason)
         return
-    for ins, outs in groups:
-        ins = [sd[i] for i in ins if w.s.static(sd[i])]
-        outs = [out[j] for j in outs if w.s.static(out[j])]
+    for in_dims, out_dims in groups:
+        ins = [sd[i] for i in in_dims if w.s.static(sd[i])]
+        outs = [out[j] for j in out_dims if w.s.static(out[j])]
         if _size(w, ins) != _size(w, outs):
-            # part of a width folded into a batch or sequence dim (nn.MultiheadAttention's heads into the batch)
-            for a in ins + outs:
-                w.s.pin(a, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} folds a width into a batch or "
-                           f"sequence dim (module {w.module(n)})")
+            if not _fold(w, n, in_dims, out_dims, ins, outs):
+                for a in ins + outs:
+                    w.s.pin(a, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} folds a width into a batch or "
+                               f"sequence dim in a way the analysis cannot follow (module {w.module(n)})")
         elif len(ins) == 1 and len(outs) == 1:
             w.s.join(ins[0], outs[0])
         elif len(ins) == 1 and outs:
@@ -133,15 +133,44 @@ def reshape(w, n, out) -> None:
     _record_constants(w, n, out)
 
 
+def _fold(w, n, in_dims, out_dims, ins, outs) -> bool:
+    """nn.MultiheadAttention folds its heads into the batch, (B, H·D) → (H·B, D), and unfolds them after
+    attention, (H·B, …) → (B, H, …). A fold factors the width as (H, D) and remembers H under the symbolic size
+    it went into (keyed by that size's expression: the latest fold of "4*s24" is the one an unfold undoes);
+    the size H·B given to the fold is recorded as a constant of H's group."""
+    shape_in, shape_out = val(n.args[0]).shape, val(n).shape
+    sym_in = [i for i in in_dims if not isinstance(shape_in[i], int)]
+    sym_out = [j for j in out_dims if not isinstance(shape_out[j], int)]
+    if len(ins) == 1 and len(sym_out) == 1 and len(sym_in) == 1 and _size(w, ins) % max(_size(w, outs), 1) == 0:
+        folded = w.s.new(_size(w, ins) // _size(w, outs))
+        w.s.factor(ins[0], [folded, *outs])
+        w.folded[str(shape_out[sym_out[0]])] = folded
+        sizes = n.args[1] if len(n.args) > 1 else None
+        if packet(n.target) in (aten.view, aten.reshape, aten._unsafe_view) and isinstance(sizes, (list, tuple)) \
+                and isinstance(sizes[sym_out[0]], torch.fx.Node):
+            k = w.s.size[folded]
+            w.constants.append((folded, Constant(n.name, 1, sym_out[0], k, 1, symbolic=True)))
+        return True
+    if not ins and len(outs) == 1 and len(sym_in) == 1 and str(shape_in[sym_in[0]]) in w.folded:
+        w.s.join(outs[0], w.folded[str(shape_in[sym_in[0]])])
+        return True
+    return False
+
+
 def _size(w, atoms: list[int]) -> int:
     return math.prod(w.s.size[a] for a in atoms)
 
 
 def _record_constants(w, n, out) -> None:
-    if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)):
-        for i, v in enumerate(n.args[1]):
-            if isinstance(v, int) and v > 1 and i < len(out) and w.s.size[out[i]] == v:
-                w.constants.append((out[i], Constant(n.name, 1, i, v, 1)))
+    """The literal sizes of a view/reshape/expand (`unflatten(x, dim, sizes)`: sizes of dims dim, dim+1, …)."""
+    arg, first = 1, 0
+    if packet(n.target) is aten.unflatten:
+        arg, first = 2, n.args[1] % len(w.dims(n.args[0]))
+    if len(n.args) > arg and isinstance(n.args[arg], (list, tuple)):
+        for i, v in enumerate(n.args[arg]):
+            d = first + i
+            if isinstance(v, int) and v > 1 and d < len(out) and w.s.size[out[d]] == v:
+                w.constants.append((out[d], Constant(n.name, arg, i, v, 1)))
 
 
 @rule(aten.expand)
@@ -215,23 +244,30 @@ def embedding(w, n, out) -> None:
     w.s.pin(wd[0], "indexed by token ids (a vocabulary or position table)")
 
 
-@rule(aten.conv1d, aten.conv2d, aten.convolution)
+_TRANSPOSED = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+
+
+@rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, *_TRANSPOSED)
 def conv(w, n, out) -> None:
+    """A convolution's weight is (out, in/groups, k…), a transposed one's (in, out/groups, k…)."""
     x, wt = n.args[0], n.args[1]
     b = n.args[2] if len(n.args) > 2 else None
-    g_arg = 8 if packet(n.target) is aten.convolution else 6
+    op = packet(n.target)
+    g_arg = 8 if op is aten.convolution else 6
     groups = n.args[g_arg] if len(n.args) > g_arg else 1
+    transposed = op in _TRANSPOSED or (op is aten.convolution and bool(n.args[6]))
+    reads, writes = (0, 1) if transposed else (1, 0)
     xd, wd = w.dims(x), w.dims(wt)
     w.s.join(out[0], xd[0])
     if groups == 1:
-        w.s.join(xd[1], wd[1])
-        w.s.join(out[1], wd[0])
-        w.use(wt, 1, "consumer", n, "conv")
-        w.use(wt, 0, "producer", n, "conv")
+        w.s.join(xd[1], wd[reads])
+        w.s.join(out[1], wd[writes])
+        w.use(wt, reads, "consumer", n, "conv")
+        w.use(wt, writes, "producer", n, "conv")
     elif val(wt).shape[1] == 1 and val(wt).shape[0] == groups:   # depthwise: each channel its own filter
         w.join_all([xd[1], out[1]], [wd[0], wd[0]])
         w.use(wt, 0, "passthrough", n, "depthwise")
-        w.channelwise.append((out[1], "depthwise convolution", w.module(n)))
+        w.channelwise.append((out[1], "convolution (depthwise)", w.module(n)))
         w.constants.append((out[1], Constant(n.name, g_arg, -1, groups, 1)))   # groups = channels
         if isinstance(b, torch.fx.Node):
             w.s.join(w.dims(b)[0], out[1])

@@ -38,6 +38,7 @@ def select(w, n, out) -> None:
     dim = n.args[1] % len(xd)
     w.join_all([a for i, a in enumerate(xd) if i != dim], out)
     w.s.pin(xd[dim], f"one index selected along this width (aten.select in {w.module(n) or '<root>'})")
+    w.unbound.append(xd[dim])   # as the outer factor of a fused qkv (nn.MultiheadAttention): q ‖ k ‖ v
 
 
 @rule(aten.unbind)
@@ -78,6 +79,8 @@ def slice_(w, n, out) -> None:
 
 @rule(aten.cat)
 def cat(w, n, out) -> None:
+    """Parts joined along a width (DenseNet's growing features, a U-Net's skip): that width is segmented into
+    its parts, as a fused qkv is, so each part's group reaches the consumers through its own slice."""
     parts = n.args[0]
     dim = (n.args[1] if len(n.args) > 1 else 0) % len(out)
     for p in parts:
@@ -85,7 +88,15 @@ def cat(w, n, out) -> None:
             if i != dim:
                 w.s.join(a, out[i])
                 w.use(p, i, "producer", n, "concat")   # a parameter concatenated in (a class token) writes rows
-    reason = f"concatenated along this width (aten.cat in {w.module(n) or '<root>'}, e.g. rotary halves)"
-    w.s.pin(out[dim], reason)
+    if not all(w.s.static(w.dims(p)[dim]) for p in parts):    # a class token, a symbolic length
+        reason = f"concatenated along this width (aten.cat in {w.module(n) or '<root>'}) with a part of size 1 " \
+                 "or of symbolic size"
+        for a in [out[dim], *(w.dims(p)[dim] for p in parts)]:
+            w.s.pin(a, reason)
+        return
+    offset = 0
     for p in parts:
-        w.s.pin(w.dims(p)[dim], reason)
+        size = w.s.size[w.dims(p)[dim]]
+        w.use(p, dim, "producer", n, "concat")        # a parameter concatenated along the width writes its slice
+        w.s.add_segment(out[dim], offset, size, w.dims(p)[dim])
+        offset += size

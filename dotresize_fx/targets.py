@@ -60,15 +60,18 @@ def plan_widths(analysis: Analysis, targets: Targets, residual_multiple: int = 1
     plan = WidthPlan()
     for kind, f in asked.items():
         groups = analysis.by_kind(kind)
-        if kind == "channels":  # a vision model's channel groups include pinned ones (the image's 3 channels)
-            plan.skipped += [f"{g.name}: {g.reason}" for g in groups if not g.resizable]
-            groups = [g for g in groups if g.resizable]
         if not groups:
             raise DotResizeError(f"{where}: {kind}={f} matches no group: this model has {counts}; target one "
                                  "of those kinds ('dotresize-fx analyze MODEL' lists them)")
+        # the groups of a kind that cannot change (an image's 3 channels, a stage's stream read by a norm) are
+        # left as they are and listed; a kind none of whose groups can change is an error
+        pinned = [g for g in groups if not g.resizable]
+        groups = [g for g in groups if g.resizable]
+        if not groups:
+            raise DotResizeError(f"{where}: {kind}={f}: no {kind} group is resizable ({pinned[0].name}: "
+                                 f"{pinned[0].reason})")
+        plan.skipped += [f"{g.name}: {g.reason}" for g in pinned]
         for g in groups:
-            if not g.resizable:
-                raise DotResizeError(f"{where}: {kind}={f}: group {g.name} is not resizable ({g.reason})")
             m, kv, want = _width(g, f, targets.round_to, residual_multiple)
             if m < g.size:
                 plan.widths[g.name] = (m, kv)

@@ -4,8 +4,9 @@ torch.nn.TransformerEncoder), tiny.
 Each builder returns (model, example_inputs). torchvision and timm do not import beside this project's CPU torch,
 so the layouts are reproduced here: fused qkv reshaped to (3, heads, head_dim) and unbound, class tokens, layer
 scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with depthwise convs, a VGG classifier
-over flattened feature maps, a Whisper encoder (conv front end, then transformer blocks) and PyTorch's own
-nn.TransformerEncoderLayer (nn.MultiheadAttention folds its heads into the batch dim).
+over flattened feature maps, a Whisper encoder (conv front end, then transformer blocks), PyTorch's own
+nn.TransformerEncoderLayer (nn.MultiheadAttention folds its heads into the batch dim), DenseNet's growing
+concatenation of features and a U-Net (transposed-conv upsampling, skip concatenated onto the decoder).
 """
 import torch
 from torch import nn
@@ -311,3 +312,42 @@ def torch_transformer():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     return TorchTransformer().eval(), (ids,)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet: BN-ReLU-conv, its new features concatenated onto its input's."""
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm, self.relu = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(self.relu(self.norm(x)))], 1)
+
+
+def densenet():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), DenseLayer(16, 8), DenseLayer(24, 8),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 1, bias=False), nn.AvgPool2d(2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return _randomise_bn(model).eval(), _images()
+
+
+class UNet(nn.Module):
+    """A one-level U-Net: the decoder reads the upsampled features and the encoder's skip, concatenated."""
+    def __init__(self, c=8):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU())
+        self.down = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.ReLU())
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        skip = self.enc(x)
+        return self.out(self.dec(torch.cat([self.up(self.down(skip)), skip], dim=1)))
+
+
+def unet():
+    torch.manual_seed(0)
+    return UNet().eval(), _images()

@@ -340,3 +340,23 @@ def _word_tokenizer(vocab=VOCAB):
 def llama_with_tokenizer():
     model, inputs = llama()
     return model, inputs, _word_tokenizer()
+
+
+def _hf_image(model_cls, config, size=16):
+    torch.manual_seed(0)
+    return model_cls(config).eval(), (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
+def hf_vit():
+    """Transformers' ViT: its checkpoints keep the original weight names, which save_pretrained maps back to."""
+    from transformers import ViTConfig, ViTForImageClassification
+    return _hf_image(ViTForImageClassification, ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=5))
+
+
+def hf_convnext():
+    """Transformers' ConvNeXt: depthwise convs whose `groups` follow their channels, two stages."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+    return _hf_image(ConvNextForImageClassification, ConvNextConfig(
+        hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5), size=32)

@@ -81,7 +81,7 @@ def test_input_model_is_not_modified(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--mlp", "1.5"], "must be in (0, 1)"),
-    (["--residual", "0.2", "--model-spec", "bert"], "not resizable"),
+    (["--residual", "0.2", "--model-spec", "bert"], "no residual group is resizable"),
 ])
 def test_bad_fractions_and_groups(args, message, tmp_path, capsys):
     spec = "bert" if "--model-spec" in args else "llama"

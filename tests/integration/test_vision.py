@@ -1,10 +1,12 @@
 """Vision models written as their authors write them (tests/vision.py), given as factories and never edited:
 analysis, exact verify, compress of heads / MLP / channels that reloads, and ONNX parity."""
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+import models
 import vision_models as vision
 from dotresize_fx.analyze import analyze
 from dotresize_fx.compress import Job, PassSpec, run
@@ -13,7 +15,7 @@ from dotresize_fx.verify import invariance_checks
 
 FACTORY = str(Path(__file__).resolve().parents[2] / "examples" / "vision_models.py")
 ARCHS = ["vit", "vit_qk_norm", "resnet", "convnext", "mobilenet", "resnet_bottleneck", "vgg", "whisper",
-         "torch_transformer"]
+         "torch_transformer", "densenet", "unet"]
 
 
 def _summary(a):
@@ -57,7 +59,10 @@ def test_depthwise_convs_follow_their_channels():
                                           ("resnet_bottleneck", "dotresize:channels=0.25,round_to=4"),
                                           ("vgg", "dotresize:channels=0.25,mlp=0.25,round_to=4"),
                                           ("whisper", "dotresize:heads=0.25,mlp=0.25,channels=0.25,round_to=4"),
-                                          ("torch_transformer", "prune:mlp=0.25,residual=0.25,round_to=4")])
+                                          ("torch_transformer", "prune:mlp=0.25,residual=0.25,round_to=4"),
+                                          ("torch_transformer", "dotresize:heads=0.25,mlp=0.25"),
+                                          ("densenet", "dotresize:channels=0.25,round_to=2"),
+                                          ("unet", "prune:channels=0.25,round_to=2")])
 def test_compress_reloads_as_a_program(arch, passes, tmp_path):
     report = run(Job(f"{FACTORY}:{arch}", PassSpec.parse(passes), data="random", calib_samples=4,
                      out=str(tmp_path / "o"), progress=False))
@@ -104,13 +109,80 @@ def test_a_flattened_feature_map_is_read_per_channel():
     assert g.resizable and (fc.length, g.inner(fc)) == (256, 16)
 
 
-def test_multihead_attention_folding_heads_into_the_batch_pins_heads_only():
-    """nn.MultiheadAttention views its heads into the batch dim: the heads stay, with the reason; the MLP and
-    the residual stream stay resizable, and a rotation of that stream is skipped because the LM head reads it
-    without a LayerNorm (pre-LN encoder with no final norm)."""
+def test_multihead_attention_heads_folded_into_the_batch_are_a_heads_group():
+    """nn.MultiheadAttention views its heads into the batch dim and back: its fused in_proj is q ‖ k ‖ v of one
+    heads group, and the residual's rotation is skipped because the LM head reads the stream without a
+    LayerNorm (pre-LN encoder with no final norm)."""
     from dotresize_fx.residual import rotation_blocker
     a = analyze(*vision.torch_transformer())
     heads, residual = a.by_kind("heads"), a.by_kind("residual")[0]
-    assert heads and all(not g.resizable and "folds a width into a batch" in g.reason for g in heads)
+    assert len(heads) == 2 and all(g.resizable and (g.size, g.unit) == (4, 8) for g in heads)
+    spans = sorted((m.offset, m.length) for m in heads[0].members
+                   if m.param == "encoder.layers.0.self_attn.in_proj_weight" and m.role == "producer")
+    assert spans == [(0, 32), (32, 32), (64, 32)]
     assert all(g.resizable for g in a.by_kind("mlp")) and residual.resizable
     assert "head read the LayerNorm stream" in rotation_blocker(residual)
+
+
+def test_multihead_attention_keeps_other_heads_per_layer_exactly():
+    """Removing heads 1 of layer 0 and 0, 2 of layer 1 from the program equals the model with those heads'
+    out_proj columns zeroed: the shared `4 * batch` size the graph folds heads into is rescaled per layer."""
+    from dotresize_fx.maps import WidthMap
+    from dotresize_fx.program import as_module
+    from dotresize_fx.rewrite import apply
+    model, inputs = vision.torch_transformer()
+    a = analyze(model, inputs)
+    keep = {"heads.0": [0, 2, 3], "heads.1": [1, 3]}
+    maps = {g: WidthMap.selection(g, 4, torch.tensor(k)) for g, k in keep.items()}
+    resized, _ = apply(as_module(a), a, maps)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, k in enumerate(keep.values()):
+            w = masked.encoder.layers[layer].self_attn.out_proj.weight
+            for h in set(range(4)) - set(k):
+                w[:, 8 * h:8 * (h + 1)] = 0
+        assert torch.allclose(resized(*inputs), masked(*inputs), atol=1e-6)
+        assert dict(resized.named_parameters())["encoder.layers.1.self_attn.out_proj.weight"].shape == (32, 16)
+
+
+def test_concatenated_features_are_segments_of_their_groups():
+    """DenseNet's cat([x, conv(x)]): the 32 channels after two layers are 16 ‖ 8 ‖ 8 of three groups, each
+    resizable, and the consumer reads each group through its own slice."""
+    a = analyze(*vision.densenet())
+    spans = sorted((m.offset, m.length) for g in a.by_kind("channels") for m in g.consumers() if m.param == "5.weight")
+    assert spans == [(0, 16), (16, 8), (24, 8)]
+    assert all(g.resizable for g in a.by_kind("channels") if g.size in (8, 16))
+
+
+MODELS = str(Path(__file__).resolve().parents[1] / "models.py")
+
+
+def test_a_hugging_face_vit_saves_stock_and_reloads(tmp_path):
+    """transformers' ViT saves under its checkpoint's weight names (a conversion map): the stock directory reloads
+    through from_pretrained, by dotresize_fx.load and by the class itself, with the compressed model's logits."""
+    from transformers import ViTForImageClassification
+    from dotresize_fx.outputs import model_outputs
+    report = run(Job(f"{MODELS}:hf_vit", PassSpec.parse("dotresize:heads=0.25,mlp=0.25,residual=0.25,round_to=4"),
+                     data="random", calib_samples=4, out=str(tmp_path / "o"), progress=False, onnx=True))
+    assert report["rewrite_path"] == "eager" and report["onnx"]["max_abs_diff"] < 1e-4
+    x = models.hf_vit()[1]
+    with torch.no_grad():
+        want = model_outputs(report["_model"], x)
+        assert torch.equal(model_outputs(load(tmp_path / "o").model, x), want)
+        stock = ViTForImageClassification.from_pretrained(tmp_path / "o").eval()
+        assert torch.equal(model_outputs(stock, x), want) and stock.config.num_attention_heads == 3
+
+
+def test_a_hugging_face_convnext_keeps_its_depthwise_convs_in_step(tmp_path):
+    """A stage's stream that cannot change (its stem's norm) is skipped and listed; the other stage's channels
+    and every MLP shrink, and each depthwise conv's `groups` follows its channels."""
+    from dotresize_fx.outputs import model_outputs
+    report = run(Job(f"{MODELS}:hf_convnext", PassSpec.parse("prune:mlp=0.25,residual=0.25,round_to=4"),
+                     data="random", calib_samples=4, out=str(tmp_path / "o"), progress=False))
+    skipped = report["passes"][0]["skipped"]
+    assert report["widths"]["residual.1"] == 24 and any("starts at a norm's output" in s for s in skipped)
+    dw = report["_model"].convnext.encoder.stages[1].layers[0].dwconv
+    assert dw.groups == dw.in_channels == dw.out_channels == 24
+    x = models.hf_convnext()[1]
+    with torch.no_grad():
+        assert torch.equal(model_outputs(load(tmp_path / "o").model, x), model_outputs(report["_model"], x))

@@ -175,3 +175,25 @@ def test_higher_order_ops_pin_their_widths():
     a = analyze(_HigherOrder().eval(), (torch.randn(2, 8),))
     hidden = [g for g in a.groups if g.size == 16][0]
     assert not hidden.resizable and "no rule for cond" in hidden.reason
+
+
+def test_a_norm_written_inline_in_a_block_pins_the_stream_with_that_reason():
+    """F.layer_norm in a block's own forward is no norm module whose gains the rewrite could fold: the stream
+    stays, saying why (it used to be mistaken for post-LN), and the MLP stays resizable."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.g, self.b = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+            self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(torch.nn.functional.layer_norm(x, (16,), self.g, self.b))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Block(), Block(), nn.Linear(16, 4)).eval()
+    a = analyze(model, (torch.randn(2, 5, 8),))
+    residual = a.by_kind("residual")[0]
+    assert not residual.resizable and "written inline in 1's forward" in residual.reason
+    assert all(g.resizable for g in a.by_kind("mlp"))
