@@ -52,6 +52,12 @@ def cmd_eval(args) -> dict:
     from .evaluate import parameter_counts, perplexity
     from .load import load
     model, tokenizer, _ = load(args.model)
+    if args.tasks:
+        from .lmeval import print_results, run_tasks
+        result = run_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t], tasks_dir=args.tasks_dir,
+                           limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+        print_results(result)
+        return result
     corpus = data.text(args.data, "evaluation")
     windows = data.evaluation_windows(data.tokenize(tokenizer, corpus), data.bos_id(tokenizer), args.seq_len,
                                       args.eval_tokens, corpus.name)
@@ -258,9 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_opset(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="perplexity of a model (DESIGN §7 protocol)")
+    p = sub.add_parser("eval", help="perplexity of a model (DESIGN §7 protocol), or lm-eval tasks (--tasks)")
     p.add_argument("model")
     _add_eval_protocol(p)
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks instead of perplexity, e.g. hellaswag,arc_easy "
+                                   "(needs lm-eval: pip install 'dotresize-fx[eval]'; its tasks download data)")
+    p.add_argument("--tasks-dir", help="a folder of lm-eval task YAML files (tasks over local data run offline)")
+    p.add_argument("--limit", type=int, help="score at most this many documents per task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per document (the task's default if unset)")
+    p.add_argument("--batch-size", type=int, default=1, help="documents per forward for --tasks (default 1)")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=cmd_eval)
 

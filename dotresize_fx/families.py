@@ -61,10 +61,16 @@ def _batch_norm(mod, w):
     mod.num_features = w.shape[0]
 
 
+def _group_norm(mod, w):
+    if mod.num_groups == mod.num_channels:   # one group per channel stays so
+        mod.num_groups = w.shape[0]
+    mod.num_channels = w.shape[0]
+
+
 def _shape_attrs() -> list[tuple[type, object]]:
     table = [(torch.nn.Linear, _linear), (torch.nn.Embedding, _embedding),
              ((torch.nn.LayerNorm, torch.nn.RMSNorm), _norm), (torch.nn.modules.conv._ConvNd, _conv),
-             (torch.nn.modules.batchnorm._BatchNorm, _batch_norm)]
+             (torch.nn.modules.batchnorm._BatchNorm, _batch_norm), (torch.nn.GroupNorm, _group_norm)]
     try:
         from transformers.pytorch_utils import Conv1D
         table.append((Conv1D, _transposed_linear))

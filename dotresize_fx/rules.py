@@ -259,6 +259,7 @@ def conv(w, n, out) -> None:
     reads, writes = (0, 1) if transposed else (1, 0)
     xd, wd = w.dims(x), w.dims(wt)
     w.s.join(out[0], xd[0])
+    _positions(w, n, out)
     if groups == 1:
         w.s.join(xd[1], wd[reads])
         w.s.join(out[1], wd[writes])
@@ -301,6 +302,29 @@ def layer_norm(w, n, out) -> None:
             w.constants.append((out[d], Constant(n.name, 1, i, v, 1)))
 
 
+@rule(aten.group_norm)
+def group_norm(w, n, out) -> None:
+    """GroupNorm over channels: one group (statistics over every channel and position, as PoolFormer's) acts
+    like a LayerNorm over channels; one group per channel normalises each channel alone; other group counts
+    tie channels to their group and stay pinned."""
+    xd = w.dims(n.args[0])
+    w.join_all(xd, out)
+    groups = n.args[1]
+    for p in n.args[2:4]:
+        if isinstance(p, torch.fx.Node):
+            w.s.join(w.dims(p)[0], xd[1])
+            w.use(p, 0, "passthrough", n, "norm")
+    channels = w.s.size_of(xd[1])
+    if groups == 1:
+        w.reductions.append((xd[1], "group_norm", w.module(n)))
+        w.centring.add(w.module(n))
+    elif groups == channels:
+        w.channelwise.append((xd[1], "group_norm (one group per channel)", w.module(n)))
+        w.constants.append((xd[1], Constant(n.name, 1, -1, groups, 1)))
+    else:
+        w.s.pin(xd[1], f"GroupNorm with {groups} groups of {channels} channels (module {w.module(n)})")
+
+
 @rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional)
 def batch_norm(w, n, out) -> None:
     xd = w.dims(n.args[0])
@@ -337,6 +361,13 @@ def softmax(w, n, out) -> None:
     w.reductions.append((xd[n.args[1] % len(xd)], packet(n.target).__name__, w.module(n)))
 
 
+def _positions(w, n, out) -> None:
+    """The spatial dims a convolution or a pooling computes are positions, not widths: no parameter writes them,
+    so a token-mixing Linear over flattened patches (MLP-Mixer) cannot permute or cut them."""
+    for a in out[2:]:
+        w.s.pin(a, f"positions computed by aten.{packet(n.target).__name__} (module {w.module(n) or '<root>'})")
+
+
 @rule(aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d, aten.max_pool2d,
       aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d, aten.avg_pool1d, aten.max_pool1d)
 def pool(w, n, out) -> None:
@@ -344,6 +375,7 @@ def pool(w, n, out) -> None:
     xd = w.dims(n.args[0])
     first = out if out else w.tuple_dims(n)[0]
     w.join_all(xd[:2], first[:2])
+    _positions(w, n, first)
     if packet(n.target) not in (aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.avg_pool2d,
                                 aten.adaptive_avg_pool1d, aten.avg_pool1d):
         w.channelwise.append((first[1], packet(n.target).__name__, w.module(n)))
@@ -401,4 +433,4 @@ def align_shapes(a: list, b: list) -> list[tuple[list[int], list[int]]] | None:
     return groups if i == len(ia) and j == len(ib) else None
 
 
-from . import rules_index  # noqa: E402,F401  (registers the indexing rules in RULES)
+from . import rules_einsum, rules_index  # noqa: E402,F401  (register their rules in RULES)

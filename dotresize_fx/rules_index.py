@@ -1,5 +1,5 @@
-"""Rules for ops that index, split or join along a dim: split/chunk (fused qkv), select (a class token), unbind
-(timm's qkv), slice (rotary halves, logits_to_keep), cat. Registered into `rules.RULES`."""
+"""Rules for ops that index, split or join along a dim: split/chunk (fused qkv), glu, select (a class token),
+unbind (timm's qkv), slice (rotary halves, logits_to_keep), cat. Registered into `rules.RULES`."""
 from __future__ import annotations
 
 from .groups import Constant
@@ -28,6 +28,20 @@ def split(w, n, out_unused) -> None:
         for i, (o, size) in enumerate(zip(outs, n.args[1])):
             if isinstance(size, int) and w.s.static(o[dim]):
                 w.constants.append((o[dim], Constant(n.name, 1, i, size, 1)))
+
+
+@rule(aten.glu)
+def glu(w, n, out) -> None:
+    """glu(x, dim) = a · σ(b) for the halves a ‖ b of x: one width in two segments (a gated MLP's fused
+    gate ‖ up), each channel gated by its own partner, so merges and rotations do not commute with it."""
+    xd = w.dims(n.args[0])
+    dim = (n.args[1] if len(n.args) > 1 else -1) % len(xd)
+    w.join_all([a for i, a in enumerate(xd) if i != dim], [a for i, a in enumerate(out) if i != dim])
+    half = w.s.size[out[dim]]
+    if w.s.static(xd[dim]) and half:
+        w.s.add_segment(xd[dim], 0, half, out[dim])
+        w.s.add_segment(xd[dim], half, half, out[dim])
+    w.channelwise.append((out[dim], "glu", w.module(n)))
 
 
 @rule(aten.select)

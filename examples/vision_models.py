@@ -6,7 +6,9 @@ so the layouts are reproduced here: fused qkv reshaped to (3, heads, head_dim) a
 scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with depthwise convs, a VGG classifier
 over flattened feature maps, a Whisper encoder (conv front end, then transformer blocks), PyTorch's own
 nn.TransformerEncoderLayer (nn.MultiheadAttention folds its heads into the batch dim), DenseNet's growing
-concatenation of features and a U-Net (transposed-conv upsampling, skip concatenated onto the decoder).
+concatenation of features, a U-Net (transposed-conv upsampling, skip concatenated onto the decoder), a Conformer
+block (einsum attention, a GLU conv module), PoolFormer (GroupNorm, pooling as token mixer) and an MLP-Mixer
+(a token-mixing MLP over the patch grid).
 """
 import torch
 from torch import nn
@@ -351,3 +353,88 @@ class UNet(nn.Module):
 def unet():
     torch.manual_seed(0)
     return UNet().eval(), _images()
+
+
+class EinsumAttention(nn.Module):
+    """Attention as lucidrains-style code writes it: chunked qkv and einsum products."""
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv, self.to_out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = torch.einsum("bhid,bhjd->bhij", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+        return self.to_out(torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, d))
+
+
+class ConformerBlock(nn.Module):
+    """Half-step feed-forward, attention, a GLU/depthwise conv module, final LayerNorm."""
+    def __init__(self, d=32, heads=4, k=5):
+        super().__init__()
+        self.ff = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.norm_attn, self.attn = nn.LayerNorm(d), EinsumAttention(d, heads)
+        self.norm_conv, self.pw1 = nn.LayerNorm(d), nn.Conv1d(d, 2 * d, 1)
+        self.dw, self.bn, self.pw2 = nn.Conv1d(d, d, k, padding=k // 2, groups=d), nn.BatchNorm1d(d), nn.Conv1d(d, d, 1)
+        self.norm_out = nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + 0.5 * self.ff(x)
+        x = x + self.attn(self.norm_attn(x))
+        y = nn.functional.glu(self.pw1(self.norm_conv(x).transpose(1, 2)), dim=1)
+        x = x + self.pw2(nn.functional.silu(self.bn(self.dw(y)))).transpose(1, 2)
+        return self.norm_out(x)
+
+
+def conformer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), ConformerBlock(), ConformerBlock(), nn.Linear(32, 7))
+    return model.eval(), (torch.randn(2, 10, 12, generator=torch.Generator().manual_seed(0)),)
+
+
+class PoolFormerBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.pool = nn.GroupNorm(1, d), nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.norm2, self.fc1, self.fc2 = nn.GroupNorm(1, d), nn.Conv2d(d, 4 * d, 1), nn.Conv2d(4 * d, d, 1)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.pool(y) - y
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+def poolformer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 4, 4), PoolFormerBlock(16), PoolFormerBlock(16), nn.GroupNorm(1, 16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return model.eval(), _images()
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.tokens = nn.Sequential(nn.Linear(tokens, 2 * tokens), nn.GELU(), nn.Linear(2 * tokens, tokens))
+        self.channels = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class MlpMixer(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.stem, self.blocks = nn.Conv2d(3, d, 4, 4), nn.Sequential(MixerBlock(16, d), MixerBlock(16, d))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
+def mlp_mixer():
+    torch.manual_seed(0)
+    return MlpMixer().eval(), _images()

@@ -15,7 +15,7 @@ from dotresize_fx.verify import invariance_checks
 
 FACTORY = str(Path(__file__).resolve().parents[2] / "examples" / "vision_models.py")
 ARCHS = ["vit", "vit_qk_norm", "resnet", "convnext", "mobilenet", "resnet_bottleneck", "vgg", "whisper",
-         "torch_transformer", "densenet", "unet"]
+         "torch_transformer", "densenet", "unet", "conformer", "poolformer", "mlp_mixer"]
 
 
 def _summary(a):
@@ -62,7 +62,10 @@ def test_depthwise_convs_follow_their_channels():
                                           ("torch_transformer", "prune:mlp=0.25,residual=0.25,round_to=4"),
                                           ("torch_transformer", "dotresize:heads=0.25,mlp=0.25"),
                                           ("densenet", "dotresize:channels=0.25,round_to=2"),
-                                          ("unet", "prune:channels=0.25,round_to=2")])
+                                          ("unet", "prune:channels=0.25,round_to=2"),
+                                          ("conformer", "dotresize:heads=0.25,mlp=0.25,channels=0.25,round_to=4"),
+                                          ("poolformer", "prune:channels=0.25,round_to=4"),
+                                          ("mlp_mixer", "prune:mlp=0.25,residual=0.25,round_to=4")])
 def test_compress_reloads_as_a_program(arch, passes, tmp_path):
     report = run(Job(f"{FACTORY}:{arch}", PassSpec.parse(passes), data="random", calib_samples=4,
                      out=str(tmp_path / "o"), progress=False))
@@ -186,3 +189,21 @@ def test_a_hugging_face_convnext_keeps_its_depthwise_convs_in_step(tmp_path):
     x = models.hf_convnext()[1]
     with torch.no_grad():
         assert torch.equal(model_outputs(load(tmp_path / "o").model, x), model_outputs(report["_model"], x))
+
+
+def test_the_patch_grid_is_positions_not_a_width():
+    """MLP-Mixer's token MLP reads the 4×4 patch grid a conv computed: no parameter writes those positions, so
+    the grid is pinned (a permutation of it would not be an invariance), and the token MLP's hidden width stays
+    resizable."""
+    a = analyze(*vision.mlp_mixer())
+    grid = [g for g in a.groups if "positions computed by aten.conv2d" in g.reason]
+    assert grid and not any(g.resizable for g in grid)
+    assert sorted(g.size for g in a.by_kind("mlp")) == [32, 32, 128, 128]
+
+
+def test_einsum_attention_and_glu_convs_are_heads_and_channels():
+    a = analyze(*vision.conformer())
+    assert [(g.size, g.unit, g.resizable) for g in a.by_kind("heads")] == [(4, 8, True), (4, 8, True)]
+    glu = [g for g in a.by_kind("channels") if g.size == 32]
+    pw1 = sorted((m.offset, m.length) for g in glu for m in g.producers() if m.param.endswith("pw1.weight"))
+    assert len(glu) == 2 and all(g.resizable for g in glu) and pw1 == [(0, 32), (0, 32), (32, 32), (32, 32)]
