@@ -20,6 +20,7 @@ from .allocate import allocate
 from .blocks import BlockRunner, Blocks, blocks
 from .calibrate import Calibration, Stats, collect_stats, observing
 from .errors import DotResizeError
+from .foldbn import fold_batch_norms
 from .groups import Analysis, WidthGroup
 from .maps import WidthMap
 from .outputs import model_outputs
@@ -92,6 +93,8 @@ class WidthPass(PassBase):
             self._allocate(model, plan)
         reference = probe_output(model, self.probe)   # the dense output on the probe: all that is kept of it
         new = model if self.inplace else copy.deepcopy(model)
+        if self.targets.fold_bn:
+            self.report["folded_bn"] = fold_batch_norms(new, self.analysis)
         order = blocks(new, self.analysis, self.batches, self.layerwise)
         if not order.whole:
             self.report["layerwise"] = True

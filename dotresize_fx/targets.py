@@ -24,6 +24,7 @@ class Targets:
     round_to: int = 8
     residual_maps: ResidualMaps = "global"   # "per_layer": a basis per block, adapters on the skips (not stock)
     allocation: Allocation = "uniform"       # how the MLP units kept are spread over the layers (`allocate`)
+    fold_bn: bool = False                    # channels: BatchNorm scales folded into their convs first (`foldbn`)
 
     def __post_init__(self):
         for kind in TARGET_KINDS:

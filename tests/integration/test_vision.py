@@ -207,3 +207,20 @@ def test_einsum_attention_and_glu_convs_are_heads_and_channels():
     glu = [g for g in a.by_kind("channels") if g.size == 32]
     pw1 = sorted((m.offset, m.length) for g in glu for m in g.producers() if m.param.endswith("pw1.weight"))
     assert len(glu) == 2 and all(g.resizable for g in glu) and pw1 == [(0, 32), (0, 32), (32, 32), (32, 32)]
+
+
+def test_batch_norm_folding_keeps_the_function_and_leaves_a_shift():
+    """fold_bn=1: every BatchNorm after a conv becomes a pure shift (gain 1, variance 1 − ε), its scale in the
+    conv's filters, and the model computes what it did."""
+    from dotresize_fx.foldbn import fold_batch_norms
+    model, x = vision.resnet_bottleneck()
+    folded = copy.deepcopy(model)
+    pairs = fold_batch_norms(folded, analyze(model, x))
+    bns = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(pairs) == len(bns) and all(torch.all(b.weight == 1) and torch.allclose(b.running_var, torch.full_like(
+        b.running_var, 1 - b.eps)) for b in bns)
+    with torch.no_grad():
+        assert (folded(*x) - model(*x)).abs().max() < 1e-6
+    report = run(Job(f"{FACTORY}:resnet_bottleneck", PassSpec.parse("dotresize:channels=0.25,round_to=4,fold_bn=1"),
+                     data="random", calib_samples=4, progress=False))
+    assert report["passes"][0]["folded_bn"] == pairs and report["params_after"] < report["params_before"]
