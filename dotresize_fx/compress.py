@@ -330,8 +330,8 @@ def public(report: dict) -> dict:
 
 
 def _data(job: Job, tokenizer, inputs, model):
-    if data.is_tensor_file(job.data):
-        batches = data.tensor_batches(job.data, inputs, job.calib_samples, job.batch_size)
+    if data.is_input_data(job.data):
+        batches = data.input_batches(job.data, inputs, job.calib_samples, job.batch_size)
         return batches, None, {"corpus": job.data, "calib_tokens_sha256": data.token_hash(
             torch.cat([b[0] for b in batches]))}
     if job.data == "random" or tokenizer is None:

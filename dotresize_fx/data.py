@@ -210,23 +210,17 @@ def synthetic_inputs(example_inputs: tuple, n_samples: int, seed: int, vocab_siz
 
 
 TENSOR_FILES = (".pt", ".npy")
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def is_tensor_file(spec: str) -> bool:
-    return spec.endswith(TENSOR_FILES)
+def is_input_data(spec: str) -> bool:
+    """Model inputs rather than text: a tensor file, or a folder of images."""
+    return spec.endswith(TENSOR_FILES) or (Path(spec).is_dir() and bool(_images(Path(spec))))
 
 
-def tensor_batches(spec: str, example_inputs: tuple, n_samples: int, batch_size: int) -> list[tuple]:
-    """Calibration inputs a user has (images, spectrograms): a `.pt` or `.npy` tensor whose first dim indexes
-    samples and whose other dims match the model's example input; the first `n_samples` are used."""
-    path = Path(spec)
-    if not path.is_file():
-        raise DotResizeError(f"data file {spec!r} does not exist: check the path")
-    try:
-        x = torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
-    except Exception as e:
-        raise DotResizeError(f"cannot read {spec!r} as a tensor ({type(e).__name__}: {e}): save one tensor with "
-                             "torch.save or numpy.save") from e
+def input_batches(spec: str, example_inputs: tuple, n_samples: int, batch_size: int) -> list[tuple]:
+    x = _image_tensor(spec, example_inputs[0], n_samples) if Path(spec).is_dir() else _tensor_file(spec)
     want = tuple(example_inputs[0].shape[1:])
     if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != want:
         raise DotResizeError(f"{spec!r} holds {tuple(getattr(x, 'shape', ()))}, expected (samples, {', '.join(map(str, want))}) "
@@ -236,6 +230,53 @@ def tensor_batches(spec: str, example_inputs: tuple, n_samples: int, batch_size:
                              "--calib-samples or give more")
     x = x[:n_samples].to(example_inputs[0].dtype)
     return [(x[i:i + batch_size],) for i in range(0, n_samples, batch_size)]
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_FILES)
+
+
+def _image_tensor(spec: str, example: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The first `n_samples` images of a folder (sorted by path) as the model's example input is shaped,
+    (samples, channels, H, W): the shorter side resized to fit, centre-cropped, scaled to [0, 1] and, for three
+    channels, normalised with ImageNet's mean and std (torchvision's and timm's convention; other preprocessing:
+    save the tensor with torch.save and give the .pt file)."""
+    if example.dim() != 4 or example.shape[1] not in (1, 3) or not example.is_floating_point():
+        raise DotResizeError(f"a folder of images calibrates a model whose input is (batch, 1 or 3, H, W); this "
+                             f"one takes {tuple(example.shape)}: give a .pt/.npy tensor of its inputs instead")
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DotResizeError("reading images needs Pillow: pip install pillow") from e
+    channels, (h, w) = example.shape[1], example.shape[2:]
+    out = []
+    for path in _images(Path(spec))[:n_samples]:
+        try:
+            img = Image.open(path).convert("RGB" if channels == 3 else "L")
+        except Exception as e:
+            raise DotResizeError(f"cannot read image {path} ({type(e).__name__}: {e}): remove it or fix it") from e
+        scale = max(h / img.height, w / img.width)
+        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BILINEAR)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        x = torch.from_numpy(np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0)
+        out.append(x.permute(2, 0, 1) if channels == 3 else x[None])
+    x = torch.stack(out)
+    if channels == 3:
+        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x
+
+
+def _tensor_file(spec: str) -> torch.Tensor:
+    """Calibration inputs a user has (images, spectrograms): a `.pt` or `.npy` tensor whose first dim indexes
+    samples and whose other dims match the model's example input."""
+    path = Path(spec)
+    if not path.is_file():
+        raise DotResizeError(f"data file {spec!r} does not exist: check the path")
+    try:
+        return torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
+    except Exception as e:
+        raise DotResizeError(f"cannot read {spec!r} as a tensor ({type(e).__name__}: {e}): save one tensor with "
+                             "torch.save or numpy.save") from e
 
 
 def token_hash(windows: torch.Tensor) -> str:

@@ -10,6 +10,7 @@ import models
 import vision_models as vision
 from dotresize_fx.analyze import analyze
 from dotresize_fx.compress import Job, PassSpec, run
+from dotresize_fx.errors import DotResizeError
 from dotresize_fx.load import load
 from dotresize_fx.verify import invariance_checks
 
@@ -224,3 +225,29 @@ def test_batch_norm_folding_keeps_the_function_and_leaves_a_shift():
     report = run(Job(f"{FACTORY}:resnet_bottleneck", PassSpec.parse("dotresize:channels=0.25,round_to=4,fold_bn=1"),
                      data="random", calib_samples=4, progress=False))
     assert report["passes"][0]["folded_bn"] == pairs and report["params_after"] < report["params_before"]
+
+
+def test_calibration_inputs_from_a_folder_of_images(tmp_path):
+    """A folder of images calibrates as the same pixels would from a tensor file: sized to the example input
+    (shorter side, then a centre crop), scaled to [0, 1], normalised with ImageNet's mean and std."""
+    import numpy as np
+    from PIL import Image
+    from dotresize_fx import data
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.jpg")
+    example = vision.resnet()[1]
+    batches = data.input_batches(str(tmp_path), example, 6, 3)
+    x = torch.cat([b[0] for b in batches])
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    want = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert x.shape == (6, 3, 16, 16) and torch.allclose(x[:5], want, atol=1e-6)
+    torch.save(x, tmp_path.parent / "x.pt")
+    reports = [run(Job(f"{FACTORY}:resnet", PassSpec.parse("prune:channels=0.25,round_to=4"), data=d,
+                       calib_samples=6, batch_size=3, progress=False)) for d in (str(tmp_path), str(tmp_path.parent / "x.pt"))]
+    with torch.no_grad():
+        assert torch.equal(reports[0]["_model"](*example), reports[1]["_model"](*example))
+    with pytest.raises(DotResizeError, match="fewer than the 8 asked"):
+        data.input_batches(str(tmp_path), example, 8, 4)
