@@ -47,13 +47,24 @@ def block_list(model: torch.nn.Module, analysis: Analysis, batch: tuple) -> tupl
     """The ModuleList whose entries hold the most width groups, if its blocks chain (output l = input l+1)."""
     best, count = None, 0
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) >= 2:
+        children = _listed(mod)
+        if len(children) >= 2:
             n = sum(block_of(g, name) is not None for g in analysis.groups)
             if n > count:
-                best, count = (name, mod), n
+                best, count = (name, children), n
     if best is None or not _chains(model, best[1], batch):
         return None
     return best
+
+
+def _listed(mod: torch.nn.Module) -> list[torch.nn.Module]:
+    """The entries of a ModuleList or Sequential, also once unflattened from a program (an interpreter module
+    whose children are named 0, 1, …)."""
+    names = [n for n, _ in mod.named_children()]
+    if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) or (names and names == [
+            str(i) for i in range(len(names))]):
+        return list(mod.children())
+    return []
 
 
 def block_of(group: WidthGroup, prefix: str) -> int | None:
@@ -94,11 +105,22 @@ def _chains(model, modules, batch) -> bool:
 
 
 def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """A block's hidden states: its output, or the first tensor of a tuple (a program's block may return the
+    symbolic sizes it computed for later blocks)."""
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), out[0])
+    return out
+
+
+def _hidden_at(args) -> int | None:
+    """Where the hidden states are among a block's positional arguments: the first tensor (a program's block
+    may get symbolic sizes before it)."""
+    return next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
 
 
 def hidden_in(args, kwargs):
-    return args[0] if args else kwargs[HIDDEN_STATES_ARG]
+    i = _hidden_at(args)
+    return args[i] if i is not None else kwargs[HIDDEN_STATES_ARG]
 
 
 class BlockRunner:
@@ -195,8 +217,7 @@ class BlockRunner:
             return
 
         def store(i, out):
-            args, kwargs = self.inputs[i]
-            self.inputs[i] = ((out, *args[1:]), kwargs) if args else (args, {**kwargs, HIDDEN_STATES_ARG: out})
+            self.inputs[i] = _with_hidden(_without_hidden(*self.inputs[i]), out)
         self.run(b, store)
 
 
@@ -223,15 +244,17 @@ def resolve_device(device: str) -> str:
 
 
 def _without_hidden(args, kwargs):
-    if args:
-        return ("args", args[1:], kwargs)
-    return ("kwargs", (), {k: v for k, v in kwargs.items() if k != HIDDEN_STATES_ARG})
+    """(position of the hidden states or None for the keyword, the other args, the other kwargs)."""
+    i = _hidden_at(args)
+    if i is not None:
+        return (i, args[:i] + args[i + 1:], kwargs)
+    return (None, args, {k: v for k, v in kwargs.items() if k != HIDDEN_STATES_ARG})
 
 
 def _with_hidden(extra, hidden):
-    where, args, kwargs = extra
-    if where == "args":
-        return (hidden, *args), kwargs
+    i, args, kwargs = extra
+    if i is not None:
+        return (*args[:i], hidden, *args[i:]), kwargs
     return args, {**kwargs, HIDDEN_STATES_ARG: hidden}
 
 

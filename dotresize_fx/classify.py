@@ -122,9 +122,10 @@ def _group(w, key: int, entries: list[tuple[Member, list[int]]], is_heads: bool)
     for mod, op in reducing:
         if mod not in norm_members:
             reasons.append(f"reduced over by aten.{op} outside a norm (module {mod or '<root>'})")
+    writers = {m.module for m in g.producers()}   # several (a residual add), not one conv's weight and bias
     if is_heads:
         _heads(w, g, key, entries)
-    elif g.norms and len(g.producers()) >= 2 and any(op in NORM_REDUCTIONS for _, op in reducing):
+    elif g.norms and len(writers) >= 2 and any(op in NORM_REDUCTIONS for _, op in reducing):
         reasons += _residual(w, g, key)
     elif {m.via for m in members if m.role in ("producer", "consumer")} == {"linear"} and not reasons \
             and g.consumers():
@@ -143,17 +144,21 @@ def _group(w, key: int, entries: list[tuple[Member, list[int]]], is_heads: bool)
 
 def _constants(w, g: WidthGroup, key: int, entries) -> None:
     """The graph literals that encode this width, with what they count: for GQA a literal whose space lacks
-    the q-heads-per-kv factor counts kv heads."""
+    the q-heads-per-kv factor counts kv heads, and one that is that factor alone counts q heads per kv head."""
     longest = max((leaves for _, leaves in entries), key=len, default=[])
     rep = longest[1] if g.kind == "heads" and g.kv_heads not in (g.size, 1) and len(longest) > 2 else None
     for atom, c in w.constants:
         leaves = w.s.leaves(atom)
-        if leaves and leaves[0] == key:
+        if rep is not None and [w.s.find(l) for l in leaves] == [w.s.find(rep)]:
+            c.per = "rep"        # a repeat count alone (repeat_interleave of kv heads): q heads per kv head
+        elif leaves and leaves[0] == key:
             c.per = "kv" if rep is not None and w.s.find(rep) not in {w.s.find(l) for l in leaves} else "units"
-            count = g.kv_heads if c.per == "kv" else g.size
-            c.factor = c.value // count if count else 1
-            c.module = w.module(next(n for n in w.c.graph.nodes if n.name == c.node))
-            g.constants.append(c)
+        else:
+            continue
+        count = {"kv": g.kv_heads, "rep": g.size // (g.kv_heads or g.size)}.get(c.per, g.size)
+        c.factor = c.value // count if count else 1
+        c.module = w.module(next(n for n in w.c.graph.nodes if n.name == c.node))
+        g.constants.append(c)
 
 
 def _unequal_parts(w, key: int) -> list[str]:

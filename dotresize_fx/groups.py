@@ -35,12 +35,14 @@ class Constant:
     index: int               # position in the argument's list, or -1 when the argument is the number itself
     value: int
     factor: int              # value = count × factor (e.g. factor = head_dim for a merged heads × head_dim)
-    per: str = "units"       # the count: the group's units (q heads, channels) or, for GQA, its "kv" heads
+    per: str = "units"       # the count: the group's units (q heads, channels); for GQA its "kv" heads or
+                             # the q heads per kv head ("rep")
     module: str = ""         # the module whose graph holds the node
     symbolic: bool = False   # the entry is value × a symbolic size (heads folded into the batch: `4 * B`)
 
     def resized(self, units: int, kv: int | None) -> int:
-        return (kv if self.per == "kv" else units) * self.factor
+        count = {"kv": kv, "rep": units // kv if kv else units}.get(self.per, units)
+        return count * self.factor
 
 
 @dataclass

@@ -141,8 +141,8 @@ def _update_module_attrs(model, analysis: Analysis, maps: dict[str, WidthMap | A
 def _own_head_counts(mod, heads: int, kv: int) -> None:
     """Modules that read head counts from the shared config in forward (Phi-3) get a copy with their own."""
     cfg = getattr(mod, "config", None)
-    if cfg is None or getattr(cfg, "num_attention_heads", None) is None:
-        return
+    if cfg is None or not isinstance(getattr(cfg, "num_attention_heads", None), int):
+        return   # none, or one count per stage (SegFormer, Swin): the modules hold their own
     if (cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", kv)) != (heads, kv):
         mod.config = copy.copy(cfg)
         mod.config.num_attention_heads = heads
@@ -187,6 +187,9 @@ def _update_config(model, analysis: Analysis, maps: dict[str, WidthMap | Applied
         if getattr(config, kv_key, None) is not None:
             changes[kv_key] = kv
     for key, value in changes.items():
+        if isinstance(getattr(config, key, None), (list, tuple)):   # one per stage (SegFormer): not expressed
+            report.stock = False
+            continue
         if getattr(config, key, None) != value or key == "head_dim":
             setattr(config, key, value)
             report.config[key] = value

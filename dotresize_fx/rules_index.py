@@ -1,5 +1,6 @@
-"""Rules for ops that index, split or join along a dim: split/chunk (fused qkv), glu, select (a class token),
-unbind (timm's qkv), slice (rotary halves, logits_to_keep), cat. Registered into `rules.RULES`."""
+"""Rules for ops that index, split or join along a dim: split/chunk (fused qkv), glu, repeat_interleave (kv
+heads), index (a bias table), roll, pad, select (a class token), unbind (timm's qkv), slice (rotary halves,
+logits_to_keep), cat. Registered into `rules.RULES`."""
 from __future__ import annotations
 
 from .groups import Constant
@@ -42,6 +43,67 @@ def glu(w, n, out) -> None:
         w.s.add_segment(xd[dim], 0, half, out[dim])
         w.s.add_segment(xd[dim], half, half, out[dim])
     w.channelwise.append((out[dim], "glu", w.module(n)))
+
+
+@rule(aten.repeat_interleave)
+def repeat_interleave(w, n, out) -> None:
+    """Each slice repeated r times along a dim (kv heads shared by q heads, written by hand): the output width
+    is (input × r), input outer; the literal r is recorded (q heads per kv head when heads change)."""
+    repeats = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    xd = w.dims(n.args[0])
+    if not isinstance(repeats, int) or dim is None:
+        w.pin_node(n.args[0], f"repeat_interleave by a tensor or over a flattened input (module {w.module(n)})")
+        return
+    dim %= len(xd)
+    w.join_all([a for i, a in enumerate(xd) if i != dim], [a for i, a in enumerate(out) if i != dim])
+    rep = w.s.new(repeats)
+    w.s.factor(out[dim], [xd[dim], rep])
+    if repeats > 1:
+        w.constants.append((rep, Constant(n.name, 1, -1, repeats, 1)))
+
+
+@rule(aten.index)
+def index(w, n, out) -> None:
+    """x[idx] with one index tensor (a relative-position bias table gathered per token pair, as Swin's): the
+    indexed dim becomes the index's dims, the others pass; a parameter's passing dims are read per value."""
+    x, indices = n.args[0], list(n.args[1])
+    xd = w.dims(x)
+    given = [i for i, t in enumerate(indices) if t is not None]
+    if len(given) != 1:
+        w.pin_node(x, f"indexed by several tensors at once (aten.index in {w.module(n) or '<root>'})")
+        return
+    p, idx_dims = given[0], len(w.dims(indices[given[0]]))
+    w.join_all(xd[:p], out[:p])
+    w.join_all(xd[p + 1:], out[p + idx_dims:])
+    w.s.pin(xd[p], f"gathered by an index tensor along this dim (aten.index in {w.module(n) or '<root>'})")
+    for d in range(len(xd)):
+        if d != p:
+            w.use(x, d, "passthrough", n, "index")
+
+
+@rule(aten.roll)
+def roll(w, n, out) -> None:
+    """A cyclic shift of positions (Swin's shifted windows): the other dims pass; a rolled width is pinned."""
+    xd = w.dims(n.args[0])
+    dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dims", [])
+    dims = {d % len(xd) for d in ([dims] if isinstance(dims, int) else dims)} if dims else set(range(len(xd)))
+    w.join_all(xd, out)
+    for d in dims:
+        w.s.pin(xd[d], f"rolled along this dim (aten.roll in {w.module(n) or '<root>'})")
+
+
+@rule(aten.pad, aten.constant_pad_nd)
+def pad(w, n, out) -> None:
+    """Padding (Swin's windows, a conv's borders): pairs from the last dim backwards; a padded dim changes size
+    and is pinned, the others pass."""
+    xd, amounts = w.dims(n.args[0]), list(n.args[1])
+    padded = {len(xd) - 1 - i // 2 for i, p in enumerate(amounts) if p != 0}
+    for d, (a, b) in enumerate(zip(xd, out)):
+        if d in padded:
+            w.s.pin(a, f"padded along this dim (aten.{packet(n.target).__name__} in {w.module(n) or '<root>'})")
+        else:
+            w.s.join(a, b)
 
 
 @rule(aten.select)

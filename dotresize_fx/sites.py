@@ -44,15 +44,19 @@ def linear_ops(model, group: WidthGroup, w: WidthMap, sites: Sites) -> None:
     kv = group.kv_heads or group.size
     for m in group.members:
         inner = group.inner(m)
-        units = (m.length or group.size * unit) // (unit * inner)
+        length = m.length or group.size * unit
+        # one value per head (a relative-position bias table's column), not one per channel of every head
+        per_head = group.kind == "heads" and unit > 1 and length in (group.size, kv)
+        step = 1 if per_head else unit * inner
+        units = length // step
         on_kv = group.kind == "heads" and units == kv and kv != group.size
         M = w.kv_merge if on_kv else w.merge
         keep = w.kv_keep if on_kv else w.keep
         if m.role == "producer" and m.attn == "qk" and keep is not None:
-            A = expand_units(selection_matrix(M.shape[0], keep), unit * inner)
+            A = expand_units(selection_matrix(M.shape[0], keep), step)
         elif m.role in ("producer", "passthrough"):
-            A = expand_units(M, unit * inner)
-        elif m.role == "consumer":
+            A = expand_units(M, step)
+        elif m.role == "consumer" and not per_head:
             if on_kv:
                 raise DotResizeError(f"{group.name}: {m.param} reads the kv heads' width directly; a map for "
                                      "such a consumer is not supported: keep this group's width")

@@ -19,7 +19,7 @@ from .blocks import block_list
 from .groups import Analysis, WidthGroup
 from .maps import WidthMap
 from .outputs import model_outputs
-from .residual import rotation_blocker
+from .residual import rotation_blocker, stage_of
 from .rewrite import apply
 
 VERIFY_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}   # max |Δ output| / max(1, max |output|)
@@ -69,7 +69,10 @@ def _rotations(model, analysis, grp: WidthGroup, inputs, g) -> list[tuple[str, d
     Q = _rotation(grp.size, g)
     out = [(f"rotation {grp.name}", {grp.name: WidthMap(grp.name, Q, Q.T.contiguous())})]
     blocks = block_list(model, analysis, inputs)
-    if blocks is not None:  # a different rotation per block: proves the skip adapters
+    # a different rotation per block proves the skip adapters, where the stream runs through every block (a
+    # hierarchical model's stage stream does not)
+    if blocks is not None and {stage_of(n, blocks[0], len(blocks[1])) for n in grp.norms} == set(
+            range(len(blocks[1]) + 1)):
         stages = [WidthMap(grp.name, Q, Q.T.contiguous())
                   for Q in (_rotation(grp.size, g) for _ in range(len(blocks[1]) + 1))]
         w = WidthMap(grp.name, stages[0].merge, stages[0].unmerge, stages=stages, stage_prefix=blocks[0])

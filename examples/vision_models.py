@@ -7,8 +7,8 @@ scale, BasicBlock/Bottleneck with downsample shortcuts, inverted residuals with 
 over flattened feature maps, a Whisper encoder (conv front end, then transformer blocks), PyTorch's own
 nn.TransformerEncoderLayer (nn.MultiheadAttention folds its heads into the batch dim), DenseNet's growing
 concatenation of features, a U-Net (transposed-conv upsampling, skip concatenated onto the decoder), a Conformer
-block (einsum attention, a GLU conv module), PoolFormer (GroupNorm, pooling as token mixer) and an MLP-Mixer
-(a token-mixing MLP over the patch grid).
+block (einsum attention, a GLU conv module), PoolFormer (GroupNorm, pooling as token mixer), an MLP-Mixer
+(a token-mixing MLP over the patch grid) and Swin (shifted windows, a relative-position bias table per head).
 """
 import torch
 from torch import nn
@@ -438,3 +438,59 @@ class MlpMixer(nn.Module):
 def mlp_mixer():
     torch.manual_seed(0)
     return MlpMixer().eval(), _images()
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention: a (2w−1)² × heads bias table gathered per token pair by a fixed index."""
+    def __init__(self, dim, window, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(0.02 * torch.randn((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim=32, heads=4, window=4, shift=0):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, window, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+
+    def forward(self, x):   # (B, H, W, C)
+        b, h, w, c = x.shape
+        s, ws = self.norm1(x), self.window
+        if self.shift:
+            s = torch.roll(s, (-self.shift, -self.shift), (1, 2))
+        s = s.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        s = self.attn(s).view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        if self.shift:
+            s = torch.roll(s, (self.shift, self.shift), (1, 2))
+        x = x + s
+        return x + self.mlp(self.norm2(x))
+
+
+class Swin(nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 2, 2)
+        self.blocks = nn.Sequential(SwinBlock(dim), SwinBlock(dim, shift=2))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.blocks(self.patch_embed(x).permute(0, 2, 3, 1))
+        return self.head(self.norm(x).mean((1, 2)))
+
+
+def swin():
+    torch.manual_seed(0)
+    return Swin().eval(), _images()

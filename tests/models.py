@@ -360,3 +360,42 @@ def hf_convnext():
     from transformers import ConvNextConfig, ConvNextForImageClassification
     return _hf_image(ConvNextForImageClassification, ConvNextConfig(
         hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5), size=32)
+
+
+class HandGQA(nn.Module):
+    """Grouped-query attention written by hand: fused k‖v, kv heads repeated with repeat_interleave."""
+    def __init__(self, d=32, heads=4, kv=2):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv, d // heads
+        self.q, self.kvp, self.o = nn.Linear(d, d), nn.Linear(d, 2 * kv * self.hd), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k, v = (z.transpose(1, 2).repeat_interleave(self.heads // self.kv, dim=1)
+                for z in self.kvp(x).view(b, t, 2, self.kv, self.hd).unbind(2))
+        return self.o(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+                      .reshape(b, t, -1))
+
+
+def gqa_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, 32), HandGQA(), nn.Linear(32, VOCAB)).eval()
+    return model, _ids()
+
+
+def hf_t5_encoder():
+    """T5's encoder: one relative-position bias (buckets × heads), computed in the first layer and added to
+    every layer's scores as SDPA's mask."""
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    return T5EncoderModel(config).eval(), _ids()
+
+
+def hf_swin():
+    """Transformers' Swin: windows padded and shifted, a bias table per head, two stages joined by patch merging."""
+    from transformers import SwinConfig, SwinForImageClassification
+    return _hf_image(SwinForImageClassification, SwinConfig(
+        image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5),
+        size=32)

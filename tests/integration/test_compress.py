@@ -163,9 +163,11 @@ def test_channelwise_stream_refuses_merges_but_prunes(tmp_path):
 
 def test_widths_derived_from_shapes_in_forward_resize_as_a_program(tmp_path):
     """nanoGPT splits qkv by x.size(-1) and views by n_head: its eager forward cannot run with a narrower
-    residual or fewer heads, its captured program can (the graph literals are patched); saved as model.pt2."""
-    report = run(_job("nanogpt", "prune:residual=0.25,heads=0.5", tmp_path))
+    residual or fewer heads, its captured program can (the graph literals are patched); saved as model.pt2 and
+    exported to ONNX from that program."""
+    report = run(_job("nanogpt", "prune:residual=0.25,heads=0.5", tmp_path, onnx=True))
     assert report["rewrite_path"] == "program" and report["widths"]["residual.0"] == 24
+    assert report["onnx"]["max_abs_diff"] < 1e-4
     assert (tmp_path / "out" / "model.pt2").is_file() and not (tmp_path / "out" / "model.safetensors").exists()
     ids = models._ids()[0]
     with torch.no_grad():

@@ -16,7 +16,7 @@ from dotresize_fx.verify import invariance_checks
 
 FACTORY = str(Path(__file__).resolve().parents[2] / "examples" / "vision_models.py")
 ARCHS = ["vit", "vit_qk_norm", "resnet", "convnext", "mobilenet", "resnet_bottleneck", "vgg", "whisper",
-         "torch_transformer", "densenet", "unet", "conformer", "poolformer", "mlp_mixer"]
+         "torch_transformer", "densenet", "unet", "conformer", "poolformer", "mlp_mixer", "swin"]
 
 
 def _summary(a):
@@ -66,7 +66,8 @@ def test_depthwise_convs_follow_their_channels():
                                           ("unet", "prune:channels=0.25,round_to=2"),
                                           ("conformer", "dotresize:heads=0.25,mlp=0.25,channels=0.25,round_to=4"),
                                           ("poolformer", "prune:channels=0.25,round_to=4"),
-                                          ("mlp_mixer", "prune:mlp=0.25,residual=0.25,round_to=4")])
+                                          ("mlp_mixer", "prune:mlp=0.25,residual=0.25,round_to=4"),
+                                          ("swin", "dotresize:heads=0.25,mlp=0.25,round_to=4")])
 def test_compress_reloads_as_a_program(arch, passes, tmp_path):
     report = run(Job(f"{FACTORY}:{arch}", PassSpec.parse(passes), data="random", calib_samples=4,
                      out=str(tmp_path / "o"), progress=False))
@@ -101,7 +102,8 @@ def test_verify_runs_on_the_rewritten_program(tmp_path):
     assert main(["verify", f"{FACTORY}:vit_qk_norm", "--json", str(tmp_path / "v.json")]) == 0
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["rewrite_path"] == "program"
-    assert [c["name"] for c in result["checks"]][:3] == ["identity", "permutation", "rotation residual.0"]
+    assert [c["name"] for c in result["checks"]][:4] == ["identity", "permutation", "rotation residual.0",
+                                                         "per-layer rotation residual.0"]
     assert all(c["ok"] and c["max_abs_diff"] < 1e-12 for c in result["checks"])
 
 
@@ -251,3 +253,101 @@ def test_calibration_inputs_from_a_folder_of_images(tmp_path):
         assert torch.equal(reports[0]["_model"](*example), reports[1]["_model"](*example))
     with pytest.raises(DotResizeError, match="fewer than the 8 asked"):
         data.input_batches(str(tmp_path), example, 8, 4)
+
+
+def test_hand_written_gqa_keeps_other_heads_exactly():
+    """repeat_interleave of kv heads: removing q heads 1 and 3 (one in each kv group) patches the repeat count
+    2 → 1, and equals the model with those heads' output columns zeroed."""
+    from dotresize_fx.maps import WidthMap
+    from dotresize_fx.program import as_module
+    from dotresize_fx.rewrite import apply
+    model, inputs = models.gqa_by_hand()
+    a = analyze(model, inputs)
+    g = a.by_kind("heads")[0]
+    assert (g.size, g.kv_heads) == (4, 2) and any(c.per == "rep" for c in g.constants)
+    maps = {g.name: WidthMap.selection(g.name, 4, torch.tensor([0, 2]), 2, torch.tensor([0, 1]))}
+    resized, _ = apply(as_module(a), a, maps)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for h in (1, 3):
+            masked[1].o.weight[:, 8 * h:8 * (h + 1)] = 0
+        assert torch.allclose(resized(*inputs), masked(*inputs), atol=1e-6)
+
+
+def test_a_per_head_bias_table_follows_its_heads():
+    """Swin's relative-position bias table has one column per head: removing heads removes their columns."""
+    a = analyze(*vision.swin())
+    g = a.by_kind("heads")[0]
+    table = [m for m in g.members if m.param.endswith("relative_position_bias_table")]
+    assert g.resizable and [(m.dim, m.length, m.role) for m in table] == [(1, 4, "passthrough")]
+    report = run(Job(f"{FACTORY}:swin", PassSpec.parse("prune:heads=0.5"), data="random", calib_samples=4,
+                     progress=False))
+    params = dict(report["_model"].named_parameters())
+    assert params["blocks.0.attn.relative_position_bias_table"].shape == (49, 2)
+
+
+@pytest.mark.parametrize("arch", ["vit", "torch_transformer"])
+def test_a_program_is_calibrated_layer_by_layer(arch):
+    """The unflattened program's blocks (interpreter modules named 0, 1, …; a block may take and return symbolic
+    sizes besides the hidden states) chain, so each block is calibrated on what the resized blocks before it
+    produce, as in eager mode."""
+    report = run(Job(f"{FACTORY}:{arch}", PassSpec.parse("prune:mlp=0.25,unmerge=ls"), data="random",
+                     calib_samples=4, progress=False))
+    assert report["rewrite_path"] == "program" and report["passes"][0]["layerwise"] is True
+
+
+def test_upsampling_and_untagged_activations_pass_channels():
+    """A U-Net-like neck: nearest upsampling, a skip concatenated on, Hardswish, bilinear interpolation and
+    PReLU's per-channel slopes all follow their channels."""
+    from torch import nn
+
+    class Neck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.PReLU(16)
+            self.c2, self.up = nn.Conv2d(16, 32, 3, 2, 1), nn.Upsample(scale_factor=2)
+            self.c3, self.c4 = nn.Sequential(nn.Conv2d(48, 16, 1), nn.Hardswish()), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            a = self.act1(self.c1(x))
+            y = self.c3(torch.cat([self.up(self.c2(a)), a], 1))
+            return nn.functional.interpolate(self.c4(y), scale_factor=0.5, mode="bilinear")
+
+    torch.manual_seed(0)
+    model, x = Neck().eval(), (torch.randn(2, 3, 16, 16),)
+    a = analyze(model, x)
+    assert sorted(g.size for g in a.by_kind("channels") if g.resizable) == [16, 16, 32]
+    assert any(m.param == "act1.weight" for g in a.groups for m in g.members)
+    assert all(c["ok"] for c in invariance_checks(model, a, x))
+
+
+def test_a_bias_added_through_the_attention_mask_ties_the_heads(tmp_path):
+    """T5 adds one per-head position bias to every layer's scores through SDPA's mask: the layers' heads are one
+    group holding the bias table's head columns, so a permutation of heads is exact (it was not while the mask
+    was left out of the analysis) and removing heads keeps the rest."""
+    from dotresize_fx.outputs import model_outputs
+    model, x = models.hf_t5_encoder()
+    a = analyze(model, x)
+    heads = a.by_kind("heads")
+    assert len(heads) == 1 and any(m.param.endswith("relative_attention_bias.weight") for m in heads[0].members)
+    assert all(c["ok"] for c in invariance_checks(model, a, x))
+    report = run(Job(f"{MODELS}:hf_t5_encoder", PassSpec.parse("prune:heads=0.5"), data="random", calib_samples=4,
+                     out=str(tmp_path / "o"), progress=False))
+    bias = report["_model"].encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert report["widths"] == {"heads.0": 2} and bias.shape[1] == 2
+    with torch.no_grad():
+        assert torch.equal(model_outputs(load(tmp_path / "o").model, x), model_outputs(report["_model"], x))
+
+
+def test_a_hugging_face_swin_resizes_heads_mlp_and_its_second_stage():
+    """Padding and rolling are positions; the first stage's stream starts at the embedding's norm (skipped and
+    listed), the second stage's stream, every MLP and the heads (with their bias-table columns) shrink."""
+    from dotresize_fx.outputs import model_outputs
+    model, x = models.hf_swin()
+    a = analyze(model, x)
+    assert all(c["ok"] for c in invariance_checks(model, a, x))
+    report = run(Job(f"{MODELS}:hf_swin", PassSpec.parse("prune:heads=0.5,mlp=0.25,residual=0.25,round_to=4"),
+                     data="random", calib_samples=4, progress=False))
+    assert report["widths"]["residual.1"] == 24 and report["widths"]["heads.1"] == 2
+    params = dict(report["_model"].named_parameters())
+    assert params["swin.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table"].shape[1] == 2
