@@ -67,6 +67,7 @@ class Walker:
         self.equal_splits: list[tuple[torch.fx.Node, list[int]]] = []  # chunk / split(int): (node, part atoms)
         self.unbound: list[int] = []                 # dims unbound into separate tensors (qkv's 3)
         self.folded: dict[str, int] = {}             # symbolic size (as "4*s24") → the width folded into it
+        self.layer_scales: list[tuple[str, str]] = []  # (γ parameter, the module whose output it scales)
 
     # -- helpers the rules use ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:

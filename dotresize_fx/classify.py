@@ -198,6 +198,8 @@ def _residual(w, g: WidthGroup, key: int) -> list[str]:
     g.norm_position = "post" if post else "branch" if branch else "start" if start else "pre"
     g.channelwise = sorted({f"aten.{op} in {mod or '<root>'}" for a, op, mod in w.channelwise
                             if w.s.find(a) == key and mod not in g.norms})
+    params = {m.param for m in g.members}
+    g.scales = {module: gamma for gamma, module in w.layer_scales if gamma in params}
     _mark_norm_readers(w, g)
     if post:
         return ["post-LN: the stream itself is normalised after every residual add, so no orthogonal map keeps "

@@ -59,6 +59,7 @@ class WidthGroup:
     norm_position: str | None = None                    # "pre" | "post" | "branch" | "start" (residual)
     tied: list[list[str]] = field(default_factory=list)
     channelwise: list[str] = field(default_factory=list)  # residual: ops outside norms acting per channel
+    scales: dict[str, str] = field(default_factory=dict)  # residual: producer module → its layer scale γ
     resizable: bool = True
     reason: str = ""
 

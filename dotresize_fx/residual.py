@@ -42,6 +42,8 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     producer = torch.eye(n, dtype=torch.float64) - (1.0 / n if centre else 0.0)  # centring folded into writers
     gain = math.sqrt(n / m)
     norms = {name: norm_affine(model, name, centre) for name in group.norms}
+    # a layer scale γ on a branch's output moves into its producer's rows (γ·(W·h) = (diag γ · W)·h) and is 1 after
+    gammas = {module: _vector(model, fqn) for module, fqn in group.scales.items()}
     for mem in group.members:
         site = owner(model, mem)
         i = stage_of(mem.module or mem.param, w.stage_prefix, len(stages) - 1, mem.role == "producer") \
@@ -49,7 +51,14 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
         Q, C = bases[i], readers[i]
         if mem.role == "producer":
             scale = rescale_embedding(model.get_submodule(site[0]), n, m) if mem.via == "embedding" else 1.0
-            sites[site].append((mem.dim, mem.offset, mem.length or n, producer @ Q * scale))
+            A = producer @ Q * scale
+            if mem.module in gammas:
+                A = torch.diag(gammas[mem.module]) @ A
+            sites[site].append((mem.dim, mem.offset, mem.length or n, A))
+        elif mem.param in group.scales.values():
+            shape = list(_vector(model, mem.param, flat=False).shape)
+            shape[mem.dim] = m
+            overwrite[site] = torch.ones(shape, dtype=torch.float64)
         elif mem.role == "consumer":
             g = norms[mem.reads][0] if mem.reads else torch.ones(n, dtype=torch.float64)
             sites[site].append((mem.dim, mem.offset, mem.length or n, torch.diag(g) @ C.T))
@@ -64,6 +73,12 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})"
                  + ("; producers centred so LayerNorm acts as RMSNorm" if centre else "")
                  + (f"; {len(stages) - 1} skip adapters between per-layer bases" if w.stages else ""))
+
+
+def _vector(model, fqn: str, flat: bool = True) -> torch.Tensor:
+    module, _, attr = fqn.rpartition(".")
+    t = getattr(model.get_submodule(module), attr).detach().to(torch.float64)
+    return t.reshape(-1) if flat else t
 
 
 def stage_of(path: str, prefix: str, last: int, producer: bool = False) -> int:

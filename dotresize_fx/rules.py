@@ -66,11 +66,33 @@ def pointwise(w, n, out) -> None:
             w.use(o, d, role, n, "pointwise")
     if op in ADDITIVE:
         return
+    if _layer_scale(w, n, operands):
+        return   # folded into the branch's producer before a residual map (`residual.residual_ops`)
     for i, atom in enumerate(out):
         varying = [o for o in operands if _varies(o, i, len(out))]
         # x·s and x/s with s constant along this dim commute with any linear map of it; nothing else does
         if varying and not (op in SCALING and varying == [n.args[0]]):
             w.channelwise.append((atom, op.__name__, w.module(n)))
+
+
+_PRODUCERS = {aten.linear, aten.addmm, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
+
+
+def _layer_scale(w, n, operands):
+    """Layer scale: a branch's output times a parameter vector, `γ · fc2(h)`. It commutes with a map of the
+    stream once γ is folded into the producer's rows, so it is recorded (γ, producer module), not channel-wise."""
+    if packet(n.target) not in (aten.mul, aten.mul_) or len(operands) != 2:
+        return False
+    for gamma, x in (operands, operands[::-1]):
+        shape = val(gamma).shape
+        if gamma.name not in w.origin or sum(d != 1 for d in shape) != 1:  # one value per channel
+            continue
+        while packet(x.target) in SAME_SHAPE and len(x.users) == 1:
+            x = x.args[0]
+        if packet(x.target) in _PRODUCERS and len(x.users) == 1:
+            w.layer_scales.append((w.origin[gamma.name][0], w.module(x)))
+            return True
+    return False
 
 
 @rule(*SAME_SHAPE)

@@ -351,3 +351,20 @@ def test_a_hugging_face_swin_resizes_heads_mlp_and_its_second_stage():
     assert report["widths"]["residual.1"] == 24 and report["widths"]["heads.1"] == 2
     params = dict(report["_model"].named_parameters())
     assert params["swin.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table"].shape[1] == 2
+
+
+def test_layer_scale_folds_into_its_producer_so_the_stream_rotates():
+    """timm's LayerScale (γ · proj(h)) is no channel-wise op of the stream once γ moves into proj's rows: a
+    rotation of the stream is exact, and DOTResize merges the residual (γ is all ones afterwards)."""
+    model, x = vision.vit()
+    a = analyze(model, x)
+    residual = a.by_kind("residual")[0]
+    assert residual.scales == {"blocks.0.attn.proj": "blocks.0.ls1.gamma", "blocks.0.mlp.fc2": "blocks.0.ls2.gamma",
+                               "blocks.1.attn.proj": "blocks.1.ls1.gamma", "blocks.1.mlp.fc2": "blocks.1.ls2.gamma"}
+    checks = invariance_checks(model, a, x)
+    assert [c["name"] for c in checks if c["name"].startswith("rotation")] == ["rotation residual.0"]
+    assert all(c["ok"] and c["max_abs_diff"] < 1e-12 for c in checks)
+    report = run(Job(f"{FACTORY}:vit", PassSpec.parse("dotresize:residual=0.25,round_to=4"), data="random",
+                     calib_samples=4, progress=False))
+    params = dict(report["_model"].named_parameters())
+    assert report["widths"]["residual.0"] == 24 and torch.equal(params["blocks.1.ls2.gamma"], torch.ones(24))
