@@ -1,5 +1,5 @@
 """Rules for ops that index, split or join along a dim: split/chunk (fused qkv), glu, repeat_interleave (kv
-heads), index (a bias table), roll, pad, select (a class token), unbind (timm's qkv), slice (rotary halves,
+heads), index (a bias table), gather (pooling), roll, pad, select (a class token), unbind (timm's qkv), slice (rotary halves,
 logits_to_keep), cat. Registered into `rules.RULES`."""
 from __future__ import annotations
 
@@ -80,6 +80,20 @@ def index(w, n, out) -> None:
     for d in range(len(xd)):
         if d != p:
             w.use(x, d, "passthrough", n, "index")
+
+
+@rule(aten.gather)
+def gather(w, n, out) -> None:
+    """x.gather(dim, idx) (last-token pooling: the index expanded over the width): dims the index spans whole
+    pass; the gathered dim, and a dim the index covers only in part, are pinned."""
+    xd = w.dims(n.args[0])
+    dim = n.args[1] % len(xd)
+    where = f"aten.gather in {w.module(n) or '<root>'}"
+    for d, (a, b) in enumerate(zip(xd, out)):
+        if d != dim and w.s.size_of(a) == w.s.size_of(b):
+            w.s.join(a, b)
+        else:
+            w.s.pin(a, f"gathered along this dim ({where})")
 
 
 @rule(aten.roll)

@@ -197,3 +197,27 @@ def test_a_norm_written_inline_in_a_block_pins_the_stream_with_that_reason():
     residual = a.by_kind("residual")[0]
     assert not residual.resizable and "written inline in 1's forward" in residual.reason
     assert all(g.resizable for g in a.by_kind("mlp"))
+
+
+def test_last_token_pooling_by_gather_leaves_the_width_free():
+    """h.gather(1, idx) with the index expanded over the width (the last real token of each row): the tokens
+    are gathered, the MLP and the stream stay resizable."""
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.up = nn.Embedding(50, 16), nn.Linear(16, 32)
+            self.down, self.head = nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, ids, lengths):
+            h = self.emb(ids)
+            h = h + self.down(torch.relu(self.up(h)))
+            idx = (lengths - 1)[:, None, None].expand(-1, 1, h.shape[-1])
+            return self.head(h.gather(1, idx).squeeze(1))
+
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    a = analyze(model, (torch.randint(0, 50, (2, 7)), torch.tensor([7, 4])))
+    assert [g.resizable for g in a.by_kind("mlp")] == [True]
+    assert all(g.resizable for g in a.groups if g.size == 16)
