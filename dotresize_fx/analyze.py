@@ -68,6 +68,7 @@ class Walker:
         self.unbound: list[int] = []                 # dims unbound into separate tensors (qkv's 3)
         self.folded: dict[str, int] = {}             # symbolic size (as "4*s24") → the width folded into it
         self.layer_scales: list[tuple[str, str]] = []  # (γ parameter, the module whose output it scales)
+        self.node_by_name = {n.name: n for n in captured.graph.nodes}
 
     # -- helpers the rules use ----------------------------------------------------------------------------
     def dims(self, node) -> list[int]:

@@ -240,6 +240,9 @@ def observe_consumer(model, group: WidthGroup, sink):
     module = model.get_submodule(consumer.module)
     if isinstance(getattr(module, "graph", None), torch.fx.Graph):
         return _NodeObserver(module.graph, consumer.node, on_input)
+    if consumer.inside:
+        raise DotResizeError(f"{group.name}: {consumer.param} is read inside {consumer.module or 'the model'}'s "
+                             "forward, not at its input, where a hook cannot observe it: keep this width")
     return module.register_forward_pre_hook(lambda _module, args: on_input(args[0]))
 
 

@@ -44,6 +44,7 @@ def build_groups(w) -> list[WidthGroup]:
                     continue  # buffers only join groups that parameters define (BN stats, not RoPE tables)
                 for role, op, module, node, via in _unique_roles(roles):
                     member = Member(fqn, d, role, offset, length, f"aten.{op}", module, node, via)
+                    member.inside = role == "consumer" and _reads_inside(w, node, module)
                     if key in head_dims and len(leaves) == 1 and fqn in params:
                         member.length, member.role = length or s.size[key], _head_wide_role(role)
                         head_wide.append((member, leaves))
@@ -61,6 +62,16 @@ def build_groups(w) -> list[WidthGroup]:
         counters[g.kind] += 1
         out.append(g)
     return out
+
+
+def _reads_inside(w, node: str, module: str) -> bool:
+    """Whether the op's data input is computed inside its own module (past views of the module's input): a hook
+    on the module's input would then see something else."""
+    n = w.node_by_name[node]
+    x = n.args[1] if packet(n.target) is aten.addmm else n.args[0]
+    while isinstance(x, torch.fx.Node) and w.c.node_module.get(x.name) == module and packet(x.target) in LAYOUT:
+        x = x.args[0]
+    return isinstance(x, torch.fx.Node) and w.c.node_module.get(x.name) == module
 
 
 def _attention_module(m: Member) -> str:

@@ -25,6 +25,7 @@ class Member:
     via: str = ""            # what the op is to the width: "linear", "conv", "embedding", "norm", "pointwise", …
     reads: str = ""          # consumers of a residual: the norm module whose output they read ("" = raw stream)
     attn: str = ""           # heads: "qk" (query/key: attention pattern) or "vo" (value/output: linear path)
+    inside: bool = False     # consumers: the op reads a value its module computed, not the module's input
 
 
 @dataclass

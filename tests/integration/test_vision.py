@@ -342,7 +342,6 @@ def test_a_bias_added_through_the_attention_mask_ties_the_heads(tmp_path):
 def test_a_hugging_face_swin_resizes_heads_mlp_and_its_second_stage():
     """Padding and rolling are positions; the first stage's stream starts at the embedding's norm (skipped and
     listed), the second stage's stream, every MLP and the heads (with their bias-table columns) shrink."""
-    from dotresize_fx.outputs import model_outputs
     model, x = models.hf_swin()
     a = analyze(model, x)
     assert all(c["ok"] for c in invariance_checks(model, a, x))

@@ -221,3 +221,28 @@ def test_last_token_pooling_by_gather_leaves_the_width_free():
     a = analyze(model, (torch.randint(0, 50, (2, 7)), torch.tensor([7, 4])))
     assert [g.resizable for g in a.by_kind("mlp")] == [True]
     assert all(g.resizable for g in a.groups if g.size == 16)
+
+
+def test_a_consumer_read_inside_its_module_is_marked_and_observed_on_its_node():
+    """`h @ self.w` in a module's own forward reads a value the module computed: a hook on the module's input
+    would see x, not h, so the member says so; the program path observes the node itself and compresses."""
+    from torch import nn
+
+    class Inline(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.w = nn.Linear(8, 16), nn.Parameter(torch.randn(16, 4))
+
+        def forward(self, x):
+            return torch.relu(self.up(x)) @ self.w
+
+    from dotresize_fx.calibrate import collect_stats
+    from dotresize_fx.program import as_module
+    torch.manual_seed(0)
+    model, x = Inline().eval(), (torch.randn(3, 8),)
+    a = analyze(model, x)
+    g = a.by_kind("mlp")[0]
+    assert [(m.param, m.inside) for m in g.consumers()] == [("w", True)]
+    cal = collect_stats(as_module(a), a, [x], [g.name], progress=False)
+    h = torch.relu(model.up(x[0])).double()
+    assert torch.allclose(cal.stats[g.name].gram, h.T @ h)
