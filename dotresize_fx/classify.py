@@ -168,7 +168,7 @@ def _constants(w, g: WidthGroup, key: int, entries) -> None:
             continue
         count = {"kv": g.kv_heads, "rep": g.size // (g.kv_heads or g.size)}.get(c.per, g.size)
         c.factor = c.value // count if count else 1
-        c.module = w.module(next(n for n in w.c.graph.nodes if n.name == c.node))
+        c.module = w.module(w.node_by_name[c.node])
         g.constants.append(c)
 
 
@@ -239,9 +239,8 @@ def _inline_norms(w, key: int, norms: list[str]) -> list[str]:
 
 
 def _mark_norm_readers(w, g: WidthGroup) -> None:
-    nodes = {n.name: n for n in w.c.graph.nodes}
     for m in g.consumers():
-        x = nodes[m.node].args[1] if m.op == "aten.addmm" else nodes[m.node].args[0]
+        x = w.node_by_name[m.node].args[1] if m.op == "aten.addmm" else w.node_by_name[m.node].args[0]
         while isinstance(x, torch.fx.Node):
             mod = w.c.node_module.get(x.name, "")
             if mod in g.norms:

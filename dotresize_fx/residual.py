@@ -17,7 +17,7 @@ from .errors import DotResizeError
 from .families import rescale_embedding
 from .groups import WidthGroup
 from .maps import WidthMap, is_selection
-from .sites import Sites, linear_ops, owner
+from .sites import Sites, linear_ops, owner, site_tensor
 
 SKIP_ADAPTER = "skip_adapter"
 
@@ -43,7 +43,8 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     gain = math.sqrt(n / m)
     norms = {name: norm_affine(model, name, centre) for name in group.norms}
     # a layer scale γ on a branch's output moves into its producer's rows (γ·(W·h) = (diag γ · W)·h) and is 1 after
-    gammas = {module: _vector(model, fqn) for module, fqn in group.scales.items()}
+    gammas = {module: site_tensor(model, *fqn.rpartition(".")[::2]).reshape(-1)
+              for module, fqn in group.scales.items()}
     for mem in group.members:
         site = owner(model, mem)
         i = stage_of(mem.module or mem.param, w.stage_prefix, len(stages) - 1, mem.role == "producer") \
@@ -56,7 +57,7 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
                 A = torch.diag(gammas[mem.module]) @ A
             sites[site].append((mem.dim, mem.offset, mem.length or n, A))
         elif mem.param in group.scales.values():
-            shape = list(_vector(model, mem.param, flat=False).shape)
+            shape = list(site_tensor(model, *site).shape)
             shape[mem.dim] = m
             overwrite[site] = torch.ones(shape, dtype=torch.float64)
         elif mem.role == "consumer":
@@ -73,12 +74,6 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})"
                  + ("; producers centred so LayerNorm acts as RMSNorm" if centre else "")
                  + (f"; {len(stages) - 1} skip adapters between per-layer bases" if w.stages else ""))
-
-
-def _vector(model, fqn: str, flat: bool = True) -> torch.Tensor:
-    module, _, attr = fqn.rpartition(".")
-    t = getattr(model.get_submodule(module), attr).detach().to(torch.float64)
-    return t.reshape(-1) if flat else t
 
 
 def stage_of(path: str, prefix: str, last: int, producer: bool = False) -> int:
