@@ -28,6 +28,12 @@ ROWS = {
     "dotresize-mlp-mass0.25": "dotresize:mlp=0.25,mass=0.25",
     "dotresize-mlp-ot": "dotresize:mlp=0.25,unmerge=ot",
     "dotresize-mlp-pure": "dotresize:mlp=0.25,pure_producers=1,refine=0",
+    # the transport family at the same width: balanced (the paper's framing), and the target marginal KL-relaxed
+    "dotresize-mlp-energy-sinkhorn": "dotresize:mlp=0.25,marginals=energy",
+    "dotresize-mlp-energy-emd": "dotresize:mlp=0.25,marginals=energy,solver=emd",
+    "dotresize-mlp-unbalanced-tau0.1": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,tau=0.1",
+    "dotresize-mlp-unbalanced-tau1": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced",
+    "dotresize-mlp-unbalanced-tau10": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,tau=10",
     "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
     # the same units kept, spread over the layers by measured sensitivity (dotresize_fx/allocate.py)
     "prune+ls-curve": "prune:mlp=0.25,unmerge=ls,allocation=curve",

@@ -42,6 +42,10 @@ SCHEMES = {
     "int4-32-hqq": QuantizeConfig("int4", block_size=32, algo="hqq"),
     "int4-32-head-float": QuantizeConfig("int4", block_size=32, head=False),
     "int4-16": QuantizeConfig("int4", block_size=16),
+    "int4-32-gptq-acc4": QuantizeConfig("int4", block_size=32, algo="gptq", accuracy_level=4),
+    "int4-32-gptq-head-float-acc4": QuantizeConfig("int4", block_size=32, algo="gptq", accuracy_level=4, head=False),
+    "int4-16-gptq-acc4": QuantizeConfig("int4", block_size=16, algo="gptq", accuracy_level=4),
+    "int4-16-gptq-head-float-acc4": QuantizeConfig("int4", block_size=16, algo="gptq", accuracy_level=4, head=False),
 }
 
 
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tag", default="", help="suffix of the JSON's name, so that a run of some schemes does not "
+                                             "replace the day's full table")
     args = p.parse_args()
     silence_known()
     torch.set_num_threads(args.threads)
@@ -67,11 +73,16 @@ def main() -> None:
     ev = data.text("sotu", "evaluation")
     windows = data.evaluation_windows(data.tokenize(tokenizer, ev), data.bos_id(tokenizer), args.seq_len,
                                       args.eval_tokens, ev.name)
+    cal = data.text("sotu", "calibration")
+    cal_ids = data.tokenize(tokenizer, cal, data.CALIB_MAX_CHARS)
+
+    def calibration(n):   # GPTQ: the demo's calibration windows (seed 0), one per batch
+        return list(data.calibration_windows(cal_ids, data.bos_id(tokenizer), n, args.seq_len, 0, cal.name).split(1))
     rows, sessions = {}, {"dense float": session(dense_onnx(dense_model, inputs, OPSET), args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.schemes:
             path = float_file if name == "float" else Path(tmp) / f"model.{name}.onnx"
-            q = {} if name == "float" else quantize_onnx(float_file, path, SCHEMES[name])
+            q = {} if name == "float" else quantize_onnx(float_file, path, SCHEMES[name], calibration)
             sess = session(path, args.threads)
             rows[name] = {"config": None if name == "float" else vars(SCHEMES[name]),
                           "size_mb": path.stat().st_size / 2**20,
@@ -87,7 +98,7 @@ def main() -> None:
               "model": str(out), "passes": report.get("passes"), "seq_len": args.seq_len,
               "eval_tokens": args.eval_tokens, "dense": {b: s["dense float"] for b, s in speed.items()},
               "rows": rows}
-    dest = ROOT / "benchmarks" / "results" / f"quantize-{result['date']}.json"
+    dest = ROOT / "benchmarks" / "results" / f"quantize-{result['date']}{'-' + args.tag if args.tag else ''}.json"
     dest.write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"wrote {dest}")

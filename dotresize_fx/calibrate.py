@@ -51,9 +51,10 @@ class Stats:
     (`fit.ridge_rows`). From n rows on, G is accumulated as usual."""
 
     def __init__(self, n: int, holdout: bool = False):
-        self.n, self.count = n, 0
-        self._gram = torch.zeros(n, n, dtype=torch.float64)
-        self._holdout = torch.zeros_like(self._gram) if holdout else None
+        self.n, self.count, self.has_holdout = n, 0, holdout
+        # kept rows: the n×n sums are allocated only once the rows are folded in (5632² float64 is 254 MB)
+        self._gram = None if holdout else torch.zeros(n, n, dtype=torch.float64)
+        self._holdout = None
         self.kept_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if holdout else None
 
     @staticmethod
@@ -70,29 +71,28 @@ class Stats:
     @property
     def gram(self) -> torch.Tensor:
         rows = self.rows
-        return self._gram if rows is None else self._gram + rows[0].T @ rows[0]
+        return _plus_gram(self._gram, self.n, None if rows is None else rows[0])
 
     @property
     def holdout(self) -> torch.Tensor | None:
+        if not self.has_holdout:
+            return None
         rows = self.rows
-        if rows is None or self._holdout is None:
-            return self._holdout
-        held = rows[0][rows[1]]
-        return self._holdout + held.T @ held
+        return _plus_gram(self._holdout, self.n, None if rows is None else rows[0][rows[1]])
 
     @property
     def mean_sq(self) -> torch.Tensor:
         """E[x_i²] per channel (G_ii / N)."""
         rows = self.rows
-        diag = self._gram.diagonal() + (0 if rows is None else rows[0].pow(2).sum(0))
-        return diag / max(self.count, 1)
+        diag = torch.zeros(self.n, dtype=torch.float64) if self._gram is None else self._gram.diagonal()
+        return (diag + (0 if rows is None else rows[0].pow(2).sum(0))) / max(self.count, 1)
 
     def __add__(self, other: "Stats") -> "Stats":
         """The pooled statistics (as Grams: a sum need not keep rows)."""
         out = Stats(self.n)
         out._gram, out.count = self.gram + other.gram, self.count + other.count
-        if self._holdout is not None and other._holdout is not None:
-            out._holdout = self.holdout + other.holdout
+        if self.has_holdout and other.has_holdout:
+            out.has_holdout, out._holdout = True, self.holdout + other.holdout
         return out
 
     def reduce(self) -> "Stats":
@@ -100,7 +100,7 @@ class Stats:
         rank: the Gram is formed first."""
         if dist.world_size() > 1:
             self._form_gram()
-        dist.sum_(self._gram, self._holdout)
+            dist.sum_(self._gram, self._holdout)
         self.count = dist.sum_count(self.count)
         return self
 
@@ -114,7 +114,7 @@ class Stats:
                 self._form_gram()
             return
         self._gram += _xty(x, x)
-        if self._holdout is not None:
+        if self.has_holdout:
             self._holdout += _xty(x[held], x[held])
 
     def _form_gram(self) -> None:
@@ -122,6 +122,13 @@ class Stats:
         if self.kept_rows is not None:
             self._gram, self._holdout = self.gram, self.holdout
             self.kept_rows = None
+
+
+def _plus_gram(base: torch.Tensor | None, n: int, X: torch.Tensor | None) -> torch.Tensor:
+    """base + XᵀX, either of them possibly absent (a zero n×n sum)."""
+    if X is None:
+        return torch.zeros(n, n, dtype=torch.float64) if base is None else base
+    return X.T @ X if base is None else base + X.T @ X
 
 
 @dataclass

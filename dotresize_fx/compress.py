@@ -212,8 +212,9 @@ def run(job: Job) -> dict:
              overwrite=job.overwrite, program_inputs=inputs if path == "program" else None)
         report["out"] = out
         if onnx:
-            _export_and_validate(job, report, current, model, inputs, eval_windows,
-                                 configs[len(specs):])
+            _export_and_validate(job, report, current, model, inputs, eval_windows, configs[len(specs):],
+                                 lambda n: [x for b in _calibration(job, tokenizer, inputs, model, n)[0]
+                                            for x in b[0].split(1)])
             report["timing"]["total_s"] = time.perf_counter() - t_start
     return report
 
@@ -271,7 +272,7 @@ def _raised_by_toolkit(e: BaseException) -> bool:
     return False
 
 
-def _export_and_validate(job, report, compressed, dense, inputs, windows, quantize) -> None:
+def _export_and_validate(job, report, compressed, dense, inputs, windows, quantize, calibration) -> None:
     import json
     from .export import check, latency_bound, size_mb, to_onnx, validate
     t = time.perf_counter()
@@ -288,7 +289,7 @@ def _export_and_validate(job, report, compressed, dense, inputs, windows, quanti
     report["timing"]["onnx_s"] = time.perf_counter() - t
     for config in quantize:
         from passes.quantize import quantize_onnx
-        q = quantize_onnx(path, path.with_name(f"model.{config.scheme}.onnx"), config)
+        q = quantize_onnx(path, path.with_name(f"model.{config.scheme}.onnx"), config, calibration)
         if windows is not None:
             from .evaluate import perplexity
             from .export import ort_forward, session
@@ -330,29 +331,37 @@ def public(report: dict) -> dict:
 
 
 def _data(job: Job, tokenizer, inputs, model):
+    batches, provenance = _calibration(job, tokenizer, inputs, model, job.calib_samples)
+    if "calib_windows" not in provenance:
+        return batches, None, provenance
+    eval_windows = None
+    if job.evaluate:
+        ev = data.text(job.data, "evaluation")
+        eval_windows = data.evaluation_windows(data.tokenize(tokenizer, ev), data.bos_id(tokenizer), job.seq_len,
+                                               job.eval_tokens, ev.name)
+    provenance.pop("calib_windows")
+    return batches, eval_windows, {**provenance, "eval_tokens_sha256": eval_windows is not None and
+                                   data.token_hash(eval_windows)}
+
+
+def _calibration(job: Job, tokenizer, inputs, model, n: int) -> tuple[list[tuple], dict]:
+    """n calibration samples of the job's data in batches of --batch-size, and their provenance. Text windows
+    are drawn in a seeded order, so a larger n extends a smaller one."""
     if data.is_input_data(job.data):
-        batches = data.input_batches(job.data, inputs, job.calib_samples, job.batch_size)
-        return batches, None, {"corpus": job.data, "calib_tokens_sha256": data.token_hash(
-            torch.cat([b[0] for b in batches]))}
+        batches = data.input_batches(job.data, inputs, n, job.batch_size)
+        return batches, {"corpus": job.data,
+                         "calib_tokens_sha256": data.token_hash(torch.cat([b[0] for b in batches]))}
     if job.data == "random" or tokenizer is None:
         if job.data != "random":
             raise DotResizeError(f"the model has no tokenizer, so --data {job.data} cannot be tokenized: "
                                  "use --data random")
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        batches = data.synthetic_inputs(inputs, job.calib_samples, job.seed, vocab)
-        return batches, None, {"corpus": "random", "calib_tokens_sha256": None}
-    bos = data.bos_id(tokenizer)
+        return data.synthetic_inputs(inputs, n, job.seed, vocab), {"corpus": "random", "calib_tokens_sha256": None}
     corpus = data.text(job.data, "calibration")
-    calib_ids = data.tokenize(tokenizer, corpus, data.CALIB_MAX_CHARS)
-    windows = data.calibration_windows(calib_ids, bos, job.calib_samples, job.seq_len, job.seed, corpus.name)
+    ids = data.tokenize(tokenizer, corpus, data.CALIB_MAX_CHARS)
+    windows = data.calibration_windows(ids, data.bos_id(tokenizer), n, job.seq_len, job.seed, corpus.name)
     batches = [(windows[i:i + job.batch_size],) for i in range(0, len(windows), job.batch_size)]
-    eval_windows = None
-    if job.evaluate:
-        ev = data.text(job.data, "evaluation")
-        eval_windows = data.evaluation_windows(data.tokenize(tokenizer, ev), bos, job.seq_len, job.eval_tokens,
-                                               ev.name)
-    return batches, eval_windows, {"corpus": corpus.name, "calib_tokens_sha256": data.token_hash(windows),
-                                   "eval_tokens_sha256": eval_windows is not None and data.token_hash(eval_windows)}
+    return batches, {"corpus": corpus.name, "calib_tokens_sha256": data.token_hash(windows), "calib_windows": True}
 
 
 def _ppl(model, windows, job):

@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 
 # MLP 1536→1344 (−9.4% non-embedding; mass picked on validation:sotu, README), shipped with 8-bit block-wise
 # weights (blocks of 128, int8 compute, the LM head too): of the schemes benchmarks/quantize.py measured, the
-# fastest to decode that keeps perplexity within 10% of the float file (+1.3%; int4 decodes as fast but costs
-# SmolLM2 36% or more, dynamic int8 72–89%).
+# fastest to decode that keeps perplexity within 10% of the float file (+1.3%; int4 with GPTQ in blocks of 16
+# keeps +9.5% but decodes at 0.7× its speed, int4 rounded to nearest costs 36% or more, dynamic int8 72–89%).
 DEMO_PASSES = "dotresize:mlp=0.125,mass=0.25 quantize:int8,weight_only=1,accuracy_level=4"
 PROMPT = "The State of the Union is"
 TEXT_TOKENS = 24

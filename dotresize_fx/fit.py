@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .maps import is_selection
+from .maps import Fill, selected_rows
 
 
 @dataclass(frozen=True)
@@ -145,16 +145,23 @@ def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor | None, reg: float = 1e-4
     """U ≈ (MᵀGM + λI)⁻¹ (MᵀG + λU₀): the least-squares reconstruction of X from XM (`ridge_fit` with
     H' = XM, H = X; `holdout`: the held-out rows' share of G, to pick λ). `rows`: (X, held-out mask) when
     fewer rows than channels were observed; a selection is then solved in the row space (`ridge_rows`)."""
-    kept = _selected(merge)
+    kept = selected_rows(merge)
     if kept is None or prior is None or not torch.equal(prior, merge.T):
         if gram is None:
             raise ValueError("ls_unmerge: a merge that is not a selection needs the Gram, not rows")
         hold = (None, None) if holdout is None else (merge.T @ holdout @ merge, merge.T @ holdout)
         return ridge_fit(merge.T @ gram @ merge, merge.T @ gram, reg, prior, *hold)
-    # a selection S with prior Sᵀ: SᵀGS and SᵀG are rows and columns of G, and on the kept channels
-    # (SᵀGS + λI)⁻¹(SᵀGS + λI) = I for every λ and every split of the rows, so only the removed channels'
-    # columns are solved (their held-out error is the only part that depends on λ)
-    removed = torch.ones(merge.shape[0], dtype=torch.bool)
+    fill, lam = selection_fill(kept, merge.shape[0], gram, reg, holdout, rows)
+    return fill.dense(), lam
+
+
+def selection_fill(kept: torch.Tensor, n: int, gram: torch.Tensor | None, reg: float = 1e-4,
+                   holdout: torch.Tensor | None = None, rows: tuple | None = None) -> tuple[Fill, float]:
+    """`ls_unmerge` of the selection S keeping `kept` (sorted) with prior Sᵀ, as a `Fill`. SᵀGS and SᵀG are
+    rows and columns of G, and on the kept channels (SᵀGS + λI)⁻¹(SᵀGS + λI) = I for every λ and every split
+    of the rows, so only the removed channels' columns R = (G_kk + λI)⁻¹G_kr are solved (their held-out
+    error is the only part that depends on λ). `rows`: (X, held-out mask), solved in the row space."""
+    removed = torch.ones(n, dtype=torch.bool)
     removed[kept] = False
     if rows is not None:
         X, held = rows
@@ -162,9 +169,7 @@ def ls_unmerge(merge: torch.Tensor, gram: torch.Tensor | None, reg: float = 1e-4
     else:
         hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
         R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
-    U = prior.clone()
-    U[:, removed] = R
-    return U, lam
+    return Fill(kept, removed.nonzero().squeeze(1), R), lam
 
 
 def ridge_rows(Xk: torch.Tensor, Xr: torch.Tensor, held: torch.Tensor, reg: float) -> tuple[torch.Tensor, float]:
@@ -197,8 +202,3 @@ def _pick_reg_rows(Xk_f, Xr_f, Xk_h, Xr_h, regs: list[float]) -> float:
             break
         best, best_err = lam, err
     return best
-
-
-def _selected(merge: torch.Tensor) -> torch.Tensor | None:
-    """The rows a column-selection matrix keeps (in column order), or None if `merge` is not one."""
-    return merge.argmax(0) if is_selection(merge) else None

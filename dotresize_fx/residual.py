@@ -25,7 +25,7 @@ SKIP_ADAPTER = "skip_adapter"
 def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite: dict, notes: list[str]) -> None:
     """Add the ops of a residual map to `sites`; the norms' new gains and biases go to `overwrite`."""
     centre = group.centred
-    if centre and is_selection(w.merge) and not w.stages:
+    if centre and (w.is_selection or is_selection(w.merge)) and not w.stages:
         linear_ops(model, group, w, sites)  # keeping channels: LayerNorm simply normalises over the kept ones
         return
     blocker = rotation_blocker(group)

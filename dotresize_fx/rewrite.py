@@ -52,7 +52,7 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
         else:
             linear_ops(model, group, wmap, sites)
         report.widths[name] = wmap.m
-    params = {site: transform(site_tensor(model, *site), ops) for site, ops in sites.items()}
+    params = {site: transform(site_tensor(model, *site, dtype=None), ops) for site, ops in sites.items()}
     params.update(overwrite)  # residual norms: a constant gain replaces whatever the maps did
     ids_before = _param_ids(model)
     for (module, attr), tensor in params.items():
@@ -82,8 +82,8 @@ def _finalize_config(model, analysis, maps, report) -> None:
 
 def _check_map(group: WidthGroup, w: WidthMap) -> None:
     n = group.size
-    if w.merge.shape[0] != n or w.unmerge.shape != (w.m, n):
-        raise DotResizeError(f"width map for {group.name}: merge {tuple(w.merge.shape)} / unmerge "
+    if w.n != n or (not w.is_selection and w.unmerge.shape != (w.m, n)):
+        raise DotResizeError(f"width map for {group.name}: merge {(w.n, w.m)} / unmerge "
                              f"{tuple(w.unmerge.shape)} do not fit the group's width {n}")
     if w.m < 1:
         raise DotResizeError(f"width map for {group.name} keeps no channel: lower the reduction")

@@ -10,12 +10,13 @@ A site is (module FQN, attribute); its ops are [(dim, offset, length, A)]: slice
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from .errors import DotResizeError
 from .groups import Member, WidthGroup
-from .maps import WidthMap, expand_units, is_selection, selection_matrix
+from .maps import Fill, WidthMap, expand_units, selected_rows
 
 Sites = dict[tuple[str, str], list]
 
@@ -33,8 +34,16 @@ def owner(model: torch.nn.Module, m: Member) -> tuple[str, str]:
     return module, attr
 
 
-def site_tensor(model, module: str, attr: str) -> torch.Tensor:
-    return getattr(model.get_submodule(module), attr).detach().to(torch.float64)
+def site_tensor(model, module: str, attr: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The parameter, in `dtype` (None: `working_dtype` of its own)."""
+    t = getattr(model.get_submodule(module), attr).detach()
+    return t.to(working_dtype(t.dtype) if dtype is None else dtype)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a map is applied in: float64 for float64 weights (exactness checks), float32 for lower ones
+    (the maps themselves are float64 and cast once; a 2048×5632 product in float64 is twice the time)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def linear_ops(model, group: WidthGroup, w: WidthMap, sites: Sites) -> None:
@@ -50,24 +59,60 @@ def linear_ops(model, group: WidthGroup, w: WidthMap, sites: Sites) -> None:
         step = 1 if per_head else unit * inner
         units = length // step
         on_kv = group.kind == "heads" and units == kv and kv != group.size
-        M = w.kv_merge if on_kv else w.merge
-        keep = w.kv_keep if on_kv else w.keep
-        if m.role == "producer" and m.attn == "qk" and keep is not None:
-            A = expand_units(selection_matrix(M.shape[0], keep), step)
+        if m.role == "producer" and m.attn == "qk" and (w.kv_keep if on_kv else w.keep) is not None:
+            A = Index(expand_index(w.kv_keep if on_kv else w.keep, step))
         elif m.role in ("producer", "passthrough"):
-            A = expand_units(M, step)
+            A = Index(expand_index(w.keep, step)) if w.is_selection and not on_kv else \
+                expand_units(w.kv_merge if on_kv else w.merge, step)
         elif m.role == "consumer" and not per_head:
             if on_kv:
                 raise DotResizeError(f"{group.name}: {m.param} reads the kv heads' width directly; a map for "
                                      "such a consumer is not supported: keep this group's width")
-            A = expand_units(w.channel_unmerge(unit), inner).T
+            A = _consumer_map(w, unit, inner)
         else:
             continue
-        sites[owner(model, m)].append((m.dim, m.offset, m.length or A.shape[0], A))
+        sites[owner(model, m)].append((m.dim, m.offset, m.length or (kv if on_kv else group.size) * step, A))
+
+
+def _consumer_map(w: WidthMap, unit: int, inner: int):
+    """Uᵀ on a consumer's input channels, structured where the map is a selection (its fill)."""
+    if w.fill is not None and inner == 1:
+        return IndexFill(w.fill)
+    if w.is_selection and w.unmerge_channels is None and w.fill is None:
+        return Index(expand_index(w.keep, unit * inner))
+    return expand_units(w.channel_unmerge(unit), inner).T
+
+
+@dataclass(frozen=True)
+class Index:
+    """A column selection as an op: P ← P[..., idx] along the dim (exact, and no n×m product)."""
+    idx: torch.Tensor
+
+    def __call__(self, P: torch.Tensor, dim: int) -> torch.Tensor:
+        return P.index_select(dim, self.idx.to(P.device))
+
+
+@dataclass(frozen=True)
+class IndexFill:
+    """Uᵀ of a `Fill` as an op: P ← P[kept] + P[removed]·Rᵀ along the dim (the kept channels pass through)."""
+    fill: Fill
+
+    def __call__(self, P: torch.Tensor, dim: int) -> torch.Tensor:
+        f = self.fill
+        moved = P.movedim(dim, -1)
+        out = moved.index_select(-1, f.kept.to(P.device))
+        out = out + moved.index_select(-1, f.removed.to(P.device)) @ f.R.T.to(device=P.device, dtype=P.dtype)
+        return out.movedim(-1, dim)
+
+
+def expand_index(idx: torch.Tensor, step: int) -> torch.Tensor:
+    """Unit indices as the indices of their `step` channels each."""
+    return idx if step == 1 else (idx[:, None] * step + torch.arange(step)).reshape(-1)
 
 
 def transform(P: torch.Tensor, ops) -> torch.Tensor:
-    """Apply [(dim, offset, length, A)] to P: the slice [offset:offset+length] of `dim` becomes slice·A."""
+    """Apply [(dim, offset, length, A)] to P: the slice [offset:offset+length] of `dim` becomes slice·A
+    (A a matrix, or a structured `Index` / `IndexFill`)."""
     by_dim = defaultdict(list)
     for dim, off, length, A in ops:
         by_dim[dim].append((off, length, A))
@@ -78,7 +123,7 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
                 raise DotResizeError(f"overlapping segments on one parameter dim ({off} < {pos})")
             if off > pos:
                 pieces.append(P.narrow(dim, pos, off - pos))
-            pieces.append(_times(P.narrow(dim, off, length).movedim(dim, -1), A).movedim(-1, dim))
+            pieces.append(_times(P.narrow(dim, off, length), dim, A))
             pos = off + length
         if pos < P.shape[dim]:
             pieces.append(P.narrow(dim, pos, P.shape[dim] - pos))
@@ -86,12 +131,14 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
     return P.contiguous()
 
 
-def _times(chunk: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """chunk·A. A selection (one 1 per column) is an index instead of an n×m product: exact, and the product
-    in float64 was half of a prune pass's time (835M: 5632×4224 maps on three 2048-wide weights per block)."""
-    if is_selection(A):
-        return chunk.index_select(-1, A.argmax(0).to(chunk.device))
-    return chunk @ A.to(device=chunk.device, dtype=chunk.dtype)
+def _times(chunk: torch.Tensor, dim: int, A) -> torch.Tensor:
+    """chunk·A along `dim`; a dense selection matrix becomes an index too."""
+    if not isinstance(A, torch.Tensor):
+        return A(chunk, dim)
+    kept = selected_rows(A)
+    if kept is not None:
+        return Index(kept)(chunk, dim)
+    return (chunk.movedim(dim, -1) @ A.to(device=chunk.device, dtype=chunk.dtype)).movedim(-1, dim)
 
 
 def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
@@ -103,6 +150,6 @@ def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
         inner = group.inner(m)
         if (m.length or n_ch) != n_ch * inner:
             continue
-        W = site_tensor(model, *owner(model, m)).cpu().movedim(m.dim, -1)
-        total += W.reshape(-1, n_ch, inner).pow(2).sum((0, 2))
+        W = site_tensor(model, *owner(model, m), dtype=None).cpu().movedim(m.dim, -1)
+        total += W.reshape(-1, n_ch, inner).pow(2).sum((0, 2), dtype=torch.float64)
     return total.sqrt()

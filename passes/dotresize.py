@@ -3,7 +3,9 @@
 Per group: pick m targets (top-m by importance: the prune pass's choice), build the cost from
 the observation-point Gram, solve the transport plan, turn it into a merge map M and an unmerge map U, and let
 the rewrite apply them by group kind (linear path, MLP hidden, residual via QR, heads with their targets' Q/K).
-The default plan (`marginals=semi`) is semi-relaxed: only the source marginal is fixed (`ot.semi_plan`).
+The default plan (`marginals=semi`) is semi-relaxed: only the source marginal is fixed (`ot.semi_plan`, a row
+softmax). Balanced marginals (`uniform`, `energy`) fix both (`solver=sinkhorn` or `emd`, the paper's framing), or
+relax the target one by τ·KL (`solver=unbalanced`, between the two).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ class DotResizeConfig:
     targets: Targets = field(default_factory=Targets)
     cost: dot.Cost = "l2"
     marginals: Marginals = "semi"      # semi: energy source marginal, semi-relaxed plan (ot.semi_plan)
-    solver: dot.Solver = "sinkhorn"
+    solver: dot.Solver = "sinkhorn"   # balanced marginals: sinkhorn, emd, or unbalanced (target KL-relaxed)
+    tau: float = 1.0                   # unbalanced: weight of KL(Tᵀ1 ‖ b) (→ 0: semi-relaxed, → ∞: balanced)
     reg: float = 0.01                  # measured on SmolLM2 MLP 1536→1152: 0.01 → 44.7, 0.05 → 47.3 (seq 256)
     mass: float = 1.0                  # semi: share of a merged neuron's mass that is transported (0 = prune)
     unmerge: dot.Unmerge = "ls"
@@ -46,6 +49,13 @@ class DotResizeConfig:
             raise DotResizeError(f"dotresize mass={self.mass}: the transported share must be in [0, 1]")
         if self.mass != 1.0 and self.marginals != "semi":
             raise DotResizeError("dotresize mass applies to marginals=semi only")
+        if self.solver != "sinkhorn" and self.marginals == "semi":
+            raise DotResizeError(f"dotresize solver={self.solver} applies to balanced marginals (uniform or "
+                                 "energy); marginals=semi has a closed form and no solver")
+        if self.tau != 1.0 and self.solver != "unbalanced":
+            raise DotResizeError("dotresize tau applies to solver=unbalanced only")
+        if self.tau <= 0:
+            raise DotResizeError(f"dotresize tau={self.tau}: the target marginal's KL weight must be > 0")
         if self.reg <= 0:
             raise DotResizeError(f"dotresize reg={self.reg}: the entropic regularisation must be > 0 (e.g. 0.01)")
 
@@ -59,6 +69,8 @@ class DotResizePass(WidthPass):
         self.report["transport"] = (
             f"semi-relaxed entropic OT (only the source marginal fixed: a row softmax), reg {config.reg}, mass "
             f"{config.mass}" if config.marginals == "semi" else
+            f"unbalanced entropic OT ({config.marginals} source marginal fixed, target KL-relaxed, τ "
+            f"{config.tau}), reg {config.reg}" if config.solver == "unbalanced" else
             f"balanced OT ({config.marginals} marginals), {config.solver}" + (
                 f", reg {config.reg}" if config.solver == "sinkhorn" else ""))
 
@@ -84,7 +96,7 @@ class DotResizePass(WidthPass):
         if c.marginals == "semi":
             T = dot.semi_plan(C, a, targets, reg=c.reg, mass=c.mass)
         else:
-            T = dot.transport_plan(C, a, b, reg=c.reg, solver=c.solver)
+            T = dot.transport_plan(C, a, b, reg=c.reg, solver=c.solver, tau=c.tau)
         # ls starts from the plan's own unmerge and stays near it unless held-out rows say otherwise
         M, U = dot.width_map_from_plan(T, unmerge="ot" if c.unmerge == "ls" else c.unmerge)
         w = WidthMap(g.name, M, U, keep=targets)

@@ -4,6 +4,7 @@ Units: `gram` is G = XᵀX over N calibration tokens (float64), so ‖x_i − x_
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from dotresize_fx.errors import DotResizeError
 
-Solver = Literal["sinkhorn", "emd"]
+Solver = Literal["sinkhorn", "emd", "unbalanced"]
 Unmerge = Literal["ot", "pinv", "ls"]
 
 
@@ -61,19 +62,27 @@ def marginals(gram: torch.Tensor, targets: torch.Tensor, kind: str) -> tuple[tor
 
 
 def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg: float = 0.05,
-                   solver: str = "sinkhorn", max_iter: int = 2000) -> torch.Tensor:
-    """T = argmin ⟨T, C⟩ − ε·H(T) s.t. T1 = a, Tᵀ1 = b (Sinkhorn, log domain) or the exact plan (ot.emd).
+                   solver: str = "sinkhorn", tau: float = 1.0, max_iter: int = 2000) -> torch.Tensor:
+    """T = argmin ⟨T, C⟩ − ε·H(T) s.t. T1 = a, Tᵀ1 = b (`sinkhorn`, log domain) or the exact plan (`emd`,
+    ot.emd); `unbalanced`: the target marginal only KL-relaxed, T = argmin ⟨T, C⟩ − ε·H(T) + τ·KL(Tᵀ1 ‖ b)
+    s.t. T1 = a (ot.unbalanced.sinkhorn_unbalanced with reg_m = (∞, τ)): τ → 0 is the semi-relaxed row softmax
+    of `semi_plan`, τ → ∞ the balanced plan.
 
-    Raises if the plan misses its marginals: a degenerate plan is never returned silently.
+    Raises if the plan misses its (fixed) marginals: a degenerate plan is never returned silently.
     """
     C, a_, b_ = cost.numpy(), a.numpy(), b.numpy()
     if solver == "emd":
         T = ot.emd(a_, b_, C, numItermax=max(10_000_000, 50 * C.size))
+    elif solver == "unbalanced":
+        with warnings.catch_warnings():   # POT says the entropy regulariser ignores `c`, which is what we ask
+            warnings.filterwarnings("ignore", message="If reg_type = entropy")
+            T = ot.unbalanced.sinkhorn_unbalanced(a_, b_, C, reg, (float("inf"), tau), reg_type="entropy",
+                                                  method="sinkhorn_stabilized", numItermax=max_iter, stopThr=1e-9)
     else:
         T = ot.sinkhorn(a_, b_, C, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=1e-9)
     T = torch.as_tensor(np.asarray(T), dtype=torch.float64)
     err_a = (T.sum(1) - a).abs().sum().item()
-    err_b = (T.sum(0) - b).abs().sum().item()
+    err_b = 0.0 if solver == "unbalanced" else (T.sum(0) - b).abs().sum().item()
     if not np.isfinite(T.numpy()).all() or err_a > 1e-3 or err_b > 1e-3:
         raise DotResizeError(f"the transport plan missed its marginals (‖T1−a‖₁={err_a:.2g}, ‖Tᵀ1−b‖₁={err_b:.2g}): "
                              "raise reg (e.g. 0.1), use solver=emd, or use cost=cosine")

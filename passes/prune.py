@@ -16,9 +16,9 @@ import torch
 from dotresize_fx import fit
 from dotresize_fx.calibrate import Stats
 from dotresize_fx.groups import WidthGroup
-from dotresize_fx.maps import WidthMap, expand_units, selection_matrix
+from dotresize_fx.maps import WidthMap
 from dotresize_fx.pipeline import WidthPass
-from dotresize_fx.sites import consumer_norms
+from dotresize_fx.sites import consumer_norms, expand_index
 from dotresize_fx.targets import Targets
 
 Importance = Literal[tuple(fit.IMPORTANCES)]
@@ -60,10 +60,10 @@ class PrunePass(WidthPass):
         keep, kv_keep = keep_units(model, g, stats, self.config.importance, m, kv_after)
         w = WidthMap.selection(g.name, g.size, keep, g.kv_heads if kv_keep is not None else None, kv_keep)
         if self.config.unmerge == "ls" and not self.refits(g):
-            S = expand_units(selection_matrix(g.size, w.keep), g.unit)
             rows = stats.rows
-            U, lam = fit.ls_unmerge(S, stats.gram if rows is None else None, self.config.ls_reg, prior=S.T,
-                                    holdout=None if rows is not None else stats.holdout, rows=rows)
+            fill, lam = fit.selection_fill(expand_index(w.keep, g.unit), g.size * g.unit,
+                                           stats.gram if rows is None else None, self.config.ls_reg,
+                                           holdout=None if rows is not None else stats.holdout, rows=rows)
             self.record_ls(g, lam)
-            w.set_channel_unmerge(U, g.unit)
+            w.set_channel_unmerge(fill, g.unit)
         return w

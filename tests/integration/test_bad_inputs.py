@@ -114,6 +114,7 @@ def test_text_too_short_for_the_calibration(tmp_path, capsys):
     ("prune:mlp=0.25 quantize:int8,block_size=32", ["block_size", "weight_only=1"]),
     ("prune:mlp=0.25 quantize:int4,per_channel=1", ["per_channel", "block_size"]),
     ("prune:mlp=0.25 quantize:int8,weight_only=1,algo=hqq", ["hqq", "4-bit only"]),
+    ("prune:mlp=0.25 quantize:int4,samples=8", ["samples", "algo=gptq"]),
 ])
 def test_quantize_options_that_do_not_apply_are_refused(passes, words, tmp_path, capsys):
     """An option the scheme would ignore is an error before any work is done."""

@@ -124,3 +124,21 @@ def test_fraction_out_of_range():
     with pytest.raises(DotResizeError, match=r"\(0, 1\)"):
         Targets(heads=0.0)
 
+
+
+def test_unbalanced_plan_moves_from_the_row_softmax_to_the_balanced_plan():
+    """τ·KL(Tᵀ1 ‖ b) with the source fixed: τ → 0 is the semi-relaxed closed form, τ → ∞ meets b."""
+    g = torch.Generator().manual_seed(0)
+    C = torch.rand(12, 4, generator=g, dtype=torch.float64) * 3
+    a = torch.rand(12, generator=g, dtype=torch.float64)
+    a /= a.sum()
+    b = torch.full((4,), 0.25, dtype=torch.float64)
+    soft = torch.softmax(-C / 0.1, 1) * a[:, None]
+    gaps = []
+    for tau in (1e-4, 1.0, 1e4):
+        T = dot.transport_plan(C, a, b, reg=0.1, solver="unbalanced", tau=tau)
+        assert torch.allclose(T.sum(1), a, atol=1e-5)
+        gaps.append((T.sum(0) - b).abs().sum().item())
+        if tau == 1e-4:
+            assert (T - soft).abs().max() < 1e-4
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
