@@ -161,6 +161,21 @@ def _budget_options(args) -> dict:
     return {"mlp": round(fraction, 4)}
 
 
+def cmd_genai(args) -> dict:
+    from .genai import build, check
+    ids = _prompt_ids(args)
+    dest = build(args.model, args.dest, args.precision, overwrite=args.overwrite)
+    r = {"precision": args.precision, **check(args.model, dest, ids, args.max_new_tokens)}
+    for side in ("torch", "genai"):
+        text = r.get(f"{side}_text", r[f"{side}_tokens"])
+        print(f"{side:<6} {r[side]['decode_tokens_per_s']:7.1f} tok/s decode: {text!r}")
+    print(f"onnxruntime-genai package in {dest}; greedy tokens equal torch's: {r['same_tokens']} (the first "
+          f"{r['same_prefix']} of {len(r['torch_tokens'])} agree)")
+    if not r["same_tokens"] and args.precision == "fp32":   # int4 is the builder's own rounding, lossy by design
+        raise DotResizeError("the fp32 onnxruntime-genai package generated other tokens than torch")
+    return r
+
+
 def cmd_export(args) -> dict:
     from .export import check, to_onnx, validate
     from .load import load
@@ -177,21 +192,24 @@ def cmd_export(args) -> dict:
     return result
 
 
-def cmd_generate(args) -> dict:
-    from .generate import generate
+def _prompt_ids(args) -> list[int]:
     from .load import load
     if (args.prompt is None) == (args.prompt_ids is None):
         raise DotResizeError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
     if args.prompt_ids is not None:
         try:
-            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise DotResizeError(f"--prompt-ids {args.prompt_ids!r}: give token ids separated by commas") from None
-    else:
-        tokenizer = load(args.model).tokenizer
-        if tokenizer is None:
-            raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
-        ids = tokenizer(args.prompt)["input_ids"]
+    tokenizer = load(args.model).tokenizer
+    if tokenizer is None:
+        raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
+    return tokenizer(args.prompt)["input_ids"]
+
+
+def cmd_generate(args) -> dict:
+    from .generate import generate
+    ids = _prompt_ids(args)
     r = generate(args.model, ids, args.max_new_tokens, onnx_file=args.onnx_file, batch=args.batch,
                  threads=args.threads or 2)
     for side in ("torch", "ort"):
@@ -330,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-file", default="model.onnx", help="the ONNX file in the directory (e.g. model.int4.onnx)")
     p.add_argument("--json", help="write the record here")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("genai", help="build an onnxruntime-genai package of a stock compress output (its own "
+                                     "model builder) and check its greedy tokens against torch")
+    p.add_argument("model", help="a compress output directory holding a stock Hugging Face checkpoint")
+    p.add_argument("--dest", required=True, help="the package directory to write")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int4"], help="int4: the builder's rounding")
+    p.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
+    p.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", help="write the record here")
+    p.set_defaults(func=cmd_genai)
 
     p = sub.add_parser("export", help="export a model (e.g. a compressed directory) to ONNX and check parity")
     p.add_argument("model")
