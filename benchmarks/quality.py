@@ -29,11 +29,11 @@ ROWS = {
     "dotresize-mlp-ot": "dotresize:mlp=0.25,unmerge=ot",
     "dotresize-mlp-pure": "dotresize:mlp=0.25,pure_producers=1,refine=0",
     # the transport family at the same width: balanced (the paper's framing), and the target marginal KL-relaxed
-    "dotresize-mlp-energy-sinkhorn": "dotresize:mlp=0.25,marginals=energy",
+    "dotresize-mlp-energy-sinkhorn": "dotresize:mlp=0.25,marginals=energy,reg=0.1",   # 0.01 does not converge
     "dotresize-mlp-energy-emd": "dotresize:mlp=0.25,marginals=energy,solver=emd",
     "dotresize-mlp-unbalanced-tau0.1": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,tau=0.1",
-    "dotresize-mlp-unbalanced-tau1": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced",
-    "dotresize-mlp-unbalanced-tau10": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,tau=10",
+    "dotresize-mlp-unbalanced-tau1": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,reg=0.1",
+    "dotresize-mlp-unbalanced-tau10": "dotresize:mlp=0.25,marginals=energy,solver=unbalanced,tau=10,reg=0.1",
     "prune>dotresize": "prune:mlp=0.25 dotresize:mlp=0.25,reg=0.05",
     # the same units kept, spread over the layers by measured sensitivity (dotresize_fx/allocate.py)
     "prune+ls-curve": "prune:mlp=0.25,unmerge=ls,allocation=curve",

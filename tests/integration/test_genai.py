@@ -28,9 +28,12 @@ def test_a_stock_output_becomes_a_genai_package_with_torch_tokens(tmp_path):
 
 
 def test_a_non_stock_output_is_refused(tmp_path):
+    """Our own format (non-uniform widths, a program): the plan says so, and the builder is not run."""
     pytest.importorskip("onnxruntime_genai")
-    out = tmp_path / "o"
-    assert main(["compress", f"{FACTORY}:nanogpt", "--method", "prune", "--mlp", "0.25", "--data", "random",
-                 "--out", str(out)]) == 0
-    with pytest.raises(DotResizeError, match="not a stock Hugging Face checkpoint"):
-        build(out, tmp_path / "pkg")
+    for files in ({"resize_plan.json": json.dumps({"stock": False}), "config.json": "{}"}, {}):
+        out = tmp_path / f"o{len(files)}"
+        out.mkdir()
+        for name, text in files.items():
+            (out / name).write_text(text)
+        with pytest.raises(DotResizeError, match="not a stock Hugging Face checkpoint"):
+            build(out, tmp_path / "pkg")
