@@ -85,7 +85,7 @@ def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg:
     err_b = 0.0 if solver == "unbalanced" else (T.sum(0) - b).abs().sum().item()
     if not np.isfinite(T.numpy()).all() or err_a > 1e-3 or err_b > 1e-3:
         raise DotResizeError(f"the transport plan missed its marginals (‖T1−a‖₁={err_a:.2g}, ‖Tᵀ1−b‖₁={err_b:.2g}): "
-                             "raise reg (e.g. 0.1), use solver=emd, or use cost=cosine")
+                             f"raise reg (it is {reg:g}; e.g. {5 * reg:g}), use solver=emd, or use cost=cosine")
     return T
 
 
