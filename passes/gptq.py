@@ -4,9 +4,10 @@ GPTQ (Frantar et al., 2022) quantizes a weight W ∈ R^{K×N} (x·W, K inputs) o
 each row's rounding error onto the rows not yet quantized, so that the layer's output on calibration inputs X
 stays close: it minimises ‖XW − XŴ‖² greedily with H = XᵀX. Codes are asymmetric and block-wise: every
 `block` consecutive inputs of one output column share a scale s and a zero point z (ŵ = (q − z)·s, q ∈
-[0, 2^bits − 1]), the layout MatMulNBits reads; s and z come from the block's min and max as round to nearest
-would set them, at the moment GPTQ reaches the block. H is accumulated from onnxruntime running the float
-file itself (every MatMul's input as an extra output), so the pass needs nothing but the file and token ids.
+[0, 2^bits − 1]), the layout MatMulNBits reads; s and z come from the block's min and max, shrunk by the
+grid value with the least rounding error, set from W before any update (act-order, the default) or when GPTQ
+reaches the block. H is accumulated from onnxruntime running the float file itself (every MatMul's input as an
+extra output), so the pass needs nothing but the file and calibration inputs.
 """
 from __future__ import annotations
 
