@@ -193,18 +193,8 @@ def cmd_export(args) -> dict:
 
 
 def _prompt_ids(args) -> list[int]:
-    from .load import load
-    if (args.prompt is None) == (args.prompt_ids is None):
-        raise DotResizeError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
-    if args.prompt_ids is not None:
-        try:
-            return [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise DotResizeError(f"--prompt-ids {args.prompt_ids!r}: give token ids separated by commas") from None
-    tokenizer = load(args.model).tokenizer
-    if tokenizer is None:
-        raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
-    return tokenizer(args.prompt)["input_ids"]
+    from .generate import prompt_ids
+    return prompt_ids(args.model, args.prompt, args.prompt_ids)
 
 
 def cmd_generate(args) -> dict:

@@ -52,6 +52,21 @@ def generate(out: str | Path, prompt_ids: list[int], max_new_tokens: int, *, onn
     return result
 
 
+def prompt_ids(model: str | Path, prompt: str | None, ids: str | None) -> list[int]:
+    """The prompt's token ids: `ids` as "1,2,3", or `prompt` through the model's tokenizer (one of the two)."""
+    if (prompt is None) == (ids is None):
+        raise DotResizeError("give the prompt as --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if ids is not None:
+        try:
+            return [int(t) for t in ids.split(",") if t.strip()]
+        except ValueError:
+            raise DotResizeError(f"--prompt-ids {ids!r}: give token ids separated by commas") from None
+    tokenizer = load(model).tokenizer
+    if tokenizer is None:
+        raise DotResizeError("this model has no tokenizer: give --prompt-ids 1,2,3")
+    return tokenizer(prompt)["input_ids"]
+
+
 def speeds(prompt_tokens: int, batch: int, new: int, prefill_s: float, decode_s: float) -> dict:
     """Tokens/s of the prefill (all prompt tokens of the batch) and of the decode (batch × the n − 1 steps
     after the prefill's first token)."""
