@@ -38,6 +38,16 @@ ROWS = {
     # the same units kept, spread over the layers by measured sensitivity (dotresize_fx/allocate.py)
     "prune+ls-curve": "prune:mlp=0.25,unmerge=ls,allocation=curve",
     "prune+ls-importance": "prune:mlp=0.25,unmerge=ls,allocation=importance",
+    "prune+ls-fisher": "prune:mlp=0.25,unmerge=ls,allocation=fisher",
+    # the same budget (−18.7% non-embedding) spread over MLP and heads together
+    "prune+ls-budget-fisher": "prune:budget=0.187,unmerge=ls,allocation=fisher",
+    "dotresize-mlp-pure-budget-fisher": "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher",
+    "prune+ls-10-budget-fisher": "prune:budget=0.094,unmerge=ls,allocation=fisher",
+    "dotresize-mlp-10-pure-budget-fisher": "dotresize:budget=0.094,pure_producers=1,refine=0,allocation=fisher",
+    "prune+ls-30-budget-fisher": "prune:budget=0.281,unmerge=ls,allocation=fisher",
+    "dotresize-mlp-30-pure-budget-fisher": "dotresize:budget=0.281,pure_producers=1,refine=0,allocation=fisher",
+    "dotresize-mlp-mass0.25-fisher": "dotresize:mlp=0.25,mass=0.25,allocation=fisher",
+    "dotresize-mlp-pure-fisher": "dotresize:mlp=0.25,pure_producers=1,refine=0,allocation=fisher",
     "dotresize-mlp-mass0.25-curve": "dotresize:mlp=0.25,mass=0.25,allocation=curve",
     "dotresize-mlp-pure-curve": "dotresize:mlp=0.25,pure_producers=1,refine=0,allocation=curve",
     "prune+ls-10-curve": "prune:mlp=0.125,unmerge=ls,allocation=curve",
@@ -101,7 +111,7 @@ def main():
                      "params": r["params_after"], "nonembed_params": r["nonembed_params_after"],
                      "ppl": r["ppl_after"], "ratio_to_dense": r["ppl_after"] / dense,
                      "compress_s": r["timing"]["compress_s"], "calib_forward_s": r["timing"]["calib_forward_s"],
-                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0})
+                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0, "widths": r["widths"]})
         print(f"{name:<28} ppl {r['ppl_after']:9.2f}  non-emb -{100 * r['nonembed_reduction']:.1f}%", file=sys.stderr,
               flush=True)
         protocol = r["protocol"]

@@ -121,9 +121,7 @@ def cmd_compress(args) -> dict:
         specs = PassSpec.parse(args.passes)
     else:
         options = {k: getattr(args, k) for k in TARGET_KINDS if getattr(args, k) is not None}
-        if args.budget is not None:
-            options = _budget_options(args)
-        for key in ("importance", "unmerge", "residual_maps", "allocation"):
+        for key in ("budget", "importance", "unmerge", "residual_maps", "allocation"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
         specs = [PassSpec(args.method, options)]
@@ -134,31 +132,6 @@ def cmd_compress(args) -> dict:
     if dist.is_main():
         print_summary(report)
     return report
-
-
-def _budget_options(args) -> dict:
-    if not 0 < args.budget < 1:
-        raise DotResizeError(f"--budget {args.budget}: the fraction of non-embedding parameters to remove "
-                             "must be in (0, 1)")
-    if any(getattr(args, k) is not None for k in TARGET_KINDS):
-        raise DotResizeError("--budget spreads the reduction over the MLP widths; do not combine it with "
-                             "--mlp/--heads/--residual/--channels (give fractions instead)")
-    # each MLP neuron carries 3 (SwiGLU) or 2 weights per residual channel: fraction of MLP params ≈ fraction
-    # of MLP width, so solve for the MLP fraction that removes the budget
-    from .analyze import analyze
-    from .evaluate import parameter_counts
-    from .load import load
-    model, _, inputs = load(args.model)
-    analysis = analyze(model, inputs)
-    mlp_params = 0
-    for g in analysis.by_kind("mlp"):
-        mlp_params += sum(model.get_parameter(m.param).numel() for m in g.members)
-    nonembed = parameter_counts(model)["non_embedding"]
-    fraction = args.budget * nonembed / max(mlp_params, 1)
-    if fraction >= 1:
-        raise DotResizeError(f"--budget {args.budget} needs more than all MLP parameters ({mlp_params} of "
-                             f"{nonembed}): lower it or add --heads/--residual fractions")
-    return {"mlp": round(fraction, 4)}
 
 
 def cmd_genai(args) -> dict:
@@ -304,14 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=float, help="fraction of attention heads to remove")
     p.add_argument("--residual", type=float, help="fraction of the residual stream to remove")
     p.add_argument("--channels", type=float, help="fraction of every channel group (conv channels) to remove")
-    p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove (MLP widths)")
+    p.add_argument("--budget", type=float, help="fraction of non-embedding parameters to remove, spread over the MLP and heads widths "
+                   "(--allocation fisher, the default) or over the MLP widths alone (--allocation uniform)")
     p.add_argument("--importance", choices=importances)
     p.add_argument("--unmerge", choices=unmerges, help="select|ls for prune; ot|pinv|ls for dotresize")
     p.add_argument("--allocation", choices=list(get_args(Allocation)),
-                   help="how the MLP units kept are spread over the layers: uniform (the same fraction "
-                        "everywhere; the default, best measured on SmolLM2's validation split), curve "
-                        "(least-squares error curves) or importance (one threshold on per-layer normalised "
-                        "importance)")
+                   help="how the MLP (and with --budget the heads) units kept are spread over the layers: "
+                        "fisher (least-squares error curves weighted by the loss's sensitivity; the default with "
+                        "--budget, best measured on SmolLM2), uniform (the same fraction everywhere; the default "
+                        "for --mlp/--heads), curve (error curves relative to the stream) or importance (one "
+                        "threshold on per-layer normalised importance)")
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")

@@ -162,7 +162,7 @@ def run(job: Job) -> dict:
     before = parameter_counts(model)
     ppl_before = _ppl(model, eval_windows, job) if evaluate else None
 
-    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] for k in c.targets.asked()})
+    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] for k in c.targets.kinds()})
     current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     _release_capture(analysis, path)
     t = time.perf_counter()
@@ -241,7 +241,7 @@ def resized_forward(method: str, analysis, targets):
     except Exception as e:
         if _raised_by_toolkit(e):
             raise
-        kinds = set(targets.asked()) if targets is not None else set(analysis.kinds())
+        kinds = targets.kinds() if targets is not None else set(analysis.kinds())
         constants = [f"{c.node}[{c.index}] = {c.value} ({g.name})" for g in analysis.groups if g.kind in kinds
                      for c in g.constants][:3]
         where = f"; the graph encodes these widths as constants: {', '.join(constants)}" if constants else ""

@@ -165,27 +165,32 @@ def selection_fill(kept: torch.Tensor, n: int, gram: torch.Tensor | None, reg: f
     removed[kept] = False
     if rows is not None:
         X, held = rows
-        R, lam = ridge_rows(X[:, kept], X[:, removed], held, reg)
-    else:
-        hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
-        R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
+        factors, lam = ridge_rows(X[:, kept], X[:, removed], held, reg)
+        A, B = factors
+        if A.shape[1] * (A.shape[0] + B.shape[1]) >= A.shape[0] * B.shape[1]:   # as many rows as that saves
+            A, B = A @ B, None
+        return Fill(kept, removed.nonzero().squeeze(1), A, B), lam
+    hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])
+    R, lam = ridge_fit(gram[kept][:, kept], gram[kept][:, removed], reg, None, *hold)
     return Fill(kept, removed.nonzero().squeeze(1), R), lam
 
 
-def ridge_rows(Xk: torch.Tensor, Xr: torch.Tensor, held: torch.Tensor, reg: float) -> tuple[torch.Tensor, float]:
+def ridge_rows(Xk: torch.Tensor, Xr: torch.Tensor, held: torch.Tensor, reg: float
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
     """`ridge_fit` toward 0 with A = X_kᵀX_k, B = X_kᵀX_r, solved in the row space when there are fewer rows N
     than channels: R = (X_kᵀX_k + λ'I)⁻¹X_kᵀX_r = X_kᵀ(K + λ'I)⁻¹X_r with K = X_kX_kᵀ (N×N, the push-through
     identity), λ' = λ·tr(K)/n_k as in `_ridge`. The held-out scan eigendecomposes the fit rows' K = QΣQᵀ
     once, so every λ costs a product: the held-out prediction is P·diag(1/(σ + λ'))·Z with P = X_kH X_kFᵀ Q
-    and Z = QᵀX_rF. Same λ and R as the Gram path (to rounding), at O(N²n) instead of O(n³)."""
+    and Z = QᵀX_rF. Same λ and R as the Gram path (to rounding), at O(N²n) instead of O(n³). Returns R's
+    factors (X_kᵀ, (K + λ'I)⁻¹X_r) and λ."""
     fit, lam = ~held, reg
     if held.any() and fit.any():
         lam = _pick_reg_rows(Xk[fit], Xr[fit], Xk[held], Xr[held], sorted({reg, *LS_REGS}))
     if math.isinf(lam):
-        return torch.zeros(Xk.shape[1], Xr.shape[1], dtype=Xk.dtype), lam
+        return (Xk.T, torch.zeros(Xk.shape[0], Xr.shape[1], dtype=Xk.dtype)), lam
     K = Xk @ Xk.T
     shift = lam * (K.diagonal().sum() / Xk.shape[1]).clamp_min(1e-12)
-    return Xk.T @ torch.linalg.solve(K + shift * torch.eye(K.shape[0], dtype=K.dtype), Xr), lam
+    return (Xk.T, torch.linalg.solve(K + shift * torch.eye(K.shape[0], dtype=K.dtype), Xr)), lam
 
 
 def _pick_reg_rows(Xk_f, Xr_f, Xk_h, Xr_h, regs: list[float]) -> float:

@@ -8,15 +8,28 @@ import torch
 
 @dataclass
 class Fill:
-    """A selection's unmerge on channels, Sᵀ except on the removed channels, whose columns are `R`
+    """A selection's unmerge on channels, Sᵀ except on the removed channels, whose columns are R
     (m × n_removed): prune's least-squares unmerge, kept as indices and R instead of a dense m×n matrix
-    (Llama-3-8B's MLP: 14336 × 10752 in float64 is 1.2 GB per group)."""
+    (Llama-3-8B's MLP: 14336 × 10752 in float64 is 1.2 GB per group). R = `A` or, for a fit solved in the row
+    space of N calibration rows, R = `A`·`B` (m × N, N × n_removed): applied as two products, N·(m + n_removed)
+    per consumer row instead of m·n_removed."""
     kept: torch.Tensor
     removed: torch.Tensor
-    R: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor | None = None
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.A if self.B is None else self.A @ self.B
+
+    def fill_removed(self, P_removed: torch.Tensor) -> torch.Tensor:
+        """P_removed·Rᵀ (P's removed channels last), in P's dtype."""
+        def t(x):
+            return x.T.to(device=P_removed.device, dtype=P_removed.dtype)
+        return P_removed @ t(self.A) if self.B is None else (P_removed @ t(self.B)) @ t(self.A)
 
     def dense(self) -> torch.Tensor:
-        U = torch.zeros(len(self.kept), len(self.kept) + len(self.removed), dtype=self.R.dtype)
+        U = torch.zeros(len(self.kept), len(self.kept) + len(self.removed), dtype=self.A.dtype)
         U[torch.arange(len(self.kept)), self.kept] = 1.0
         U[:, self.removed] = self.R
         return U

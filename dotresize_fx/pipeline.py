@@ -87,10 +87,13 @@ class WidthPass(PassBase):
     def call(self, model: torch.nn.Module) -> PassResult:
         heads = {g.size for g in self.analysis.by_kind("heads")}
         stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
-        plan = plan_widths(self.analysis, self.targets, stock_multiple, where=self.name)
+        targets = self.targets.budget_targets(model, self.analysis)
+        plan = plan_widths(self.analysis, targets, stock_multiple, where=self.name)
         self.report["rounding"], self.report["skipped"] = plan.rounding, plan.skipped
+        if self.targets.budget is not None:
+            self.report["budget"] = {"fraction": self.targets.budget, "mlp_fraction": targets.mlp}
         if self.targets.allocation != "uniform":
-            self._allocate(model, plan)
+            self._allocate(model, plan, targets.mlp if self.targets.budget is not None else None)
         reference = probe_output(model, self.probe)   # the dense output on the probe: all that is kept of it
         new = model if self.inplace else copy.deepcopy(model)
         if self.targets.fold_bn:
@@ -110,11 +113,12 @@ class WidthPass(PassBase):
                            inplace=self.inplace)  # the probe change is measured, not asserted: lossy
         return PassResult(new, True)
 
-    def _allocate(self, model, plan: WidthPlan) -> None:
-        """Spread the plan's MLP units over the layers by measured sensitivity, on the dense model."""
+    def _allocate(self, model, plan: WidthPlan, budget_fraction: float | None) -> None:
+        """Spread the plan's MLP and heads units by measured sensitivity, on the dense model."""
         order = blocks(model, self.analysis, self.batches, self.layerwise)
         report = allocate(model, self.analysis, plan, self.targets.allocation, self.batches, order,
-                          getattr(self.config, "importance", "act_weight"), self.targets.round_to, self.device)
+                          getattr(self.config, "importance", "act_weight"), self.targets.round_to, self.device,
+                          budget_fraction)
         self._count_forward(report.pop("forward_s", 0.0))
         self.report["allocation"] = report
 

@@ -19,7 +19,7 @@ from .groups import Analysis, WidthGroup
 from .maps import Applied, WidthMap
 from .program import patch_constants
 from .residual import SKIP_ADAPTER, residual_ops
-from .sites import linear_ops, site_tensor, transform
+from .sites import Index, linear_ops, site_tensor, transform
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
         else:
             linear_ops(model, group, wmap, sites)
         report.widths[name] = wmap.m
-    params = {site: transform(site_tensor(model, *site, dtype=None), ops) for site, ops in sites.items()}
+    params = {site: transform(_working(model, site, ops), ops) for site, ops in sites.items()}
     params.update(overwrite)  # residual norms: a constant gain replaces whatever the maps did
     ids_before = _param_ids(model)
     for (module, attr), tensor in params.items():
@@ -65,6 +65,14 @@ def apply(model: torch.nn.Module, analysis: Analysis, maps: dict[str, WidthMap],
     if finalize:
         _finalize_config(model, analysis, maps, report)
     return model, report
+
+
+def _working(model, site: tuple[str, str], ops) -> torch.Tensor:
+    """The parameter as the ops need it: as stored when they only select (exact in any dtype, and a bfloat16
+    weight is not widened for nothing), else in its working dtype."""
+    if all(isinstance(op[-1], Index) for op in ops):
+        return getattr(model.get_submodule(site[0]), site[1]).detach()
+    return site_tensor(model, *site, dtype=None)
 
 
 def finalize(model, analysis: Analysis, maps: dict[str, WidthMap | Applied]) -> RewriteReport:

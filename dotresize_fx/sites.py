@@ -101,7 +101,7 @@ class IndexFill:
         f = self.fill
         moved = P.movedim(dim, -1)
         out = moved.index_select(-1, f.kept.to(P.device))
-        out = out + moved.index_select(-1, f.removed.to(P.device)) @ f.R.T.to(device=P.device, dtype=P.dtype)
+        out = out + f.fill_removed(moved.index_select(-1, f.removed.to(P.device)))
         return out.movedim(-1, dim)
 
 
@@ -151,5 +151,5 @@ def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
         if (m.length or n_ch) != n_ch * inner:
             continue
         W = site_tensor(model, *owner(model, m), dtype=None).cpu().movedim(m.dim, -1)
-        total += W.reshape(-1, n_ch, inner).pow(2).sum((0, 2), dtype=torch.float64)
+        total += W.reshape(-1, n_ch, inner).square().sum((0, 2)).to(torch.float64)
     return total.sqrt()

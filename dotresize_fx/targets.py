@@ -1,6 +1,7 @@
 """What a width pass is asked to remove (Targets) and the widths that follow for each group (plan_widths)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -10,7 +11,7 @@ from .groups import Analysis, WidthGroup
 
 TARGET_KINDS = ("mlp", "heads", "residual", "channels")
 ResidualMaps = Literal["global", "per_layer"]
-Allocation = Literal["uniform", "curve", "importance"]
+Allocation = Literal["uniform", "curve", "fisher", "importance"]
 
 
 @dataclass(frozen=True)
@@ -21,21 +22,54 @@ class Targets:
     heads: float | None = None
     residual: float | None = None
     channels: float | None = None
+    budget: float | None = None   # fraction of the non-embedding parameters: an MLP cut (`budget_targets`)
     round_to: int = 8
     residual_maps: ResidualMaps = "global"   # "per_layer": a basis per block, adapters on the skips (not stock)
-    allocation: Allocation = "uniform"       # how the MLP units kept are spread over the layers (`allocate`)
+    # how the MLP and heads units kept are spread (`allocate`); unset: fisher for a budget (the best measured on
+    # SmolLM2), uniform for fractions given per kind
+    allocation: Allocation | None = None
     fold_bn: bool = False                    # channels: BatchNorm scales folded into their convs first (`foldbn`)
 
     def __post_init__(self):
+        if self.allocation is None:
+            object.__setattr__(self, "allocation", "fisher" if self.budget is not None else "uniform")
         for kind in TARGET_KINDS:
             f = getattr(self, kind)
             if f is not None and not (isinstance(f, (int, float)) and 0.0 < f < 1.0):
                 raise DotResizeError(f"{kind}={f}: a fraction to remove must be in (0, 1), e.g. {kind}=0.25")
+        if self.budget is not None:
+            if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget < 1.0):
+                raise DotResizeError(f"budget={self.budget}: the fraction of non-embedding parameters to remove "
+                                     "must be in (0, 1), e.g. budget=0.2")
+            if self.mlp is not None or self.heads is not None:
+                raise DotResizeError("budget spreads one reduction over the MLP (and, with allocation=curve or "
+                                     "fisher, the heads) widths: give it instead of mlp/heads fractions")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise DotResizeError(f"round_to={self.round_to}: give a positive whole number (default 8)")
 
     def fraction(self, kind: str) -> float:
         return getattr(self, kind, None) or 0.0
+
+    def budget_targets(self, model, analysis: Analysis) -> "Targets":
+        """The budget as the MLP fraction that removes it: every MLP neuron carries its share of the MLP's
+        parameters (2 or 3 weights per residual channel), so that fraction of the MLP width."""
+        if self.budget is None:
+            return self
+        from .evaluate import parameter_counts
+        mlp = sum(model.get_parameter(m.param).numel() for g in analysis.by_kind("mlp") for m in g.members
+                  if m.role != "index")
+        if not mlp:
+            raise DotResizeError(f"budget={self.budget}: this model has no MLP group to spread it over")
+        fraction = self.budget * parameter_counts(model)["non_embedding"] / mlp
+        if fraction >= 1:
+            raise DotResizeError(f"budget={self.budget} is more than all MLP parameters ({mlp}): lower it, or add "
+                                 "heads/residual fractions instead")
+        return dataclasses.replace(self, mlp=fraction, budget=None)
+
+    def kinds(self) -> set[str]:
+        """The kinds this pass may resize (a budget: the MLP, and with curve or fisher allocation the heads)."""
+        spread = {"mlp", "heads"} if self.allocation in ("curve", "fisher") else {"mlp"}
+        return set(self.asked()) | (spread if self.budget is not None else set())
 
     def asked(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in TARGET_KINDS if getattr(self, k) is not None}
@@ -102,10 +136,14 @@ def _width(g: WidthGroup, f: float, round_to: int, residual_multiple: int) -> tu
 
 def _head_width(g: WidthGroup, f: float) -> tuple[int, int]:
     """Whole GQA groups, or the same number of q heads in every group, so num_heads % num_kv_heads == 0."""
-    kv, rep = g.kv_heads, g.size // g.kv_heads
     target = g.size * (1 - f)
     if target < 0.5:
         raise DotResizeError(f"heads={f} would remove every head of {g.name} ({g.size} heads → {target:.2f}): "
                              "lower the fraction")
-    options = [(k * rep, k) for k in range(1, kv + 1)] + [(kv * r, kv) for r in range(1, rep + 1)]
-    return min(options, key=lambda o: (abs(o[0] - target), -o[0]))
+    return min(head_options(g), key=lambda o: (abs(o[0] - target), -o[0]))
+
+
+def head_options(g: WidthGroup) -> list[tuple[int, int]]:
+    """Every (q heads, kv heads) a heads group can keep: k whole GQA groups, or r q heads in every group."""
+    kv, rep = g.kv_heads, g.size // g.kv_heads
+    return [(k * rep, k) for k in range(1, kv + 1)] + [(kv * r, kv) for r in range(1, rep + 1)]

@@ -20,7 +20,7 @@ class PCAConfig:
     targets: Targets = field(default_factory=Targets)
 
     def __post_init__(self):
-        other = sorted(set(self.targets.asked()) - {"residual"})
+        other = sorted(self.targets.kinds() - {"residual"})
         if other:
             raise DotResizeError(f"pca reduces the residual stream only; {', '.join(other)} given: use prune or "
                                  "dotresize for those")

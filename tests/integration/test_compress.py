@@ -63,6 +63,19 @@ def test_residual_reduction_saves_llama_config_with_head_dim(tmp_path):
     assert cfg["hidden_size"] == 48 and cfg["head_dim"] == 16 and cfg["tie_word_embeddings"] is False
 
 
+def test_a_budget_spread_per_layer_saves_and_reloads(tmp_path):
+    """--budget with the default fisher allocation: MLP and heads widths chosen per layer (a config cannot say
+    that, so the plan is replayed), the same logits after reload, and the budget kept."""
+    report = run(_job("llama", "prune:budget=0.3,round_to=4,unmerge=ls", tmp_path))
+    allocation = report["passes"][0]["allocation"]
+    assert allocation["rule"] == "fisher" and allocation["params_kept"] <= allocation["params_uniform"]
+    assert report["nonembed_reduction"] >= 0.28
+    replayed = load(tmp_path / "out").model
+    ids = models._ids()[0]
+    with torch.no_grad():
+        assert torch.equal(replayed(ids).logits, report["_model"](ids).logits)
+
+
 def test_non_hf_factory_replays_from_plan(tmp_path):
     report = run(_job("nanogpt", "prune:mlp=0.5", tmp_path))
     assert not (tmp_path / "out" / "config.json").exists()
