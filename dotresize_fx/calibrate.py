@@ -96,12 +96,18 @@ class Stats:
         return out
 
     def reduce(self) -> "Stats":
-        """Sum over the ranks of a data-parallel run (`dist`); a no-op in one process. The rows stay on their
-        rank: the Gram is formed first."""
-        if dist.world_size() > 1:
+        """Sum over the ranks of a data-parallel run (`dist`); a no-op in one process. Kept rows are gathered
+        (every rank then holds all of them, and fits stay in the row space) while all ranks' rows together are
+        fewer than the channels; otherwise the Gram is formed and summed."""
+        if dist.world_size() == 1:
+            return self
+        total = dist.sum_count(self.count)
+        if self.kept_rows is not None and total < self.n:
+            self.kept_rows = [rows for rank in dist.gather(self.kept_rows) for rows in rank]
+        else:
             self._form_gram()
             dist.sum_(self._gram, self._holdout)
-        self.count = dist.sum_count(self.count)
+        self.count = total
         return self
 
     def add(self, x: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """Data-parallel calibration on torch.distributed (DESIGN §9b): ranks split the calibration batches, sum their
-statistics (Grams, cross-Grams, counts) with all-reduce, and so compute the same maps; rank 0 evaluates and
+statistics (Grams, cross-Grams, counts) with all-reduce — or, while there are fewer rows than channels, gather
+the rows themselves, so the fits stay in the row space — and so compute the same maps; rank 0 evaluates and
 writes. Started by torchrun (`torchrun --nproc-per-node N -m dotresize_fx.cli compress …`): gloo on CPU,
 NCCL when the ranks have GPUs. Without torchrun everything here is a no-op.
 """
@@ -58,3 +59,12 @@ def sum_count(count: int) -> int:
     t = torch.tensor([count], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item())
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in one process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

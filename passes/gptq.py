@@ -50,6 +50,22 @@ def input_grams(model: onnx.ModelProto, names: list[str], batches: Iterable[torc
     return grams
 
 
+def _gram_chunks(targets: list, inits: dict) -> list[list]:
+    """The MatMuls in graph order, cut where their inputs' K × K float64 Grams would pass `GRAM_BYTES` (MatMuls
+    that share an input stay in one chunk)."""
+    chunks, current, seen, size = [], [], set(), 0
+    for node in targets:
+        K = inits[node.input[1]].dims[0]
+        extra = 0 if node.input[0] in seen else 8 * K * K
+        if current and node.input[0] not in seen and size + extra > GRAM_BYTES:
+            chunks.append(current)
+            current, seen, size = [], set(), 0
+        current.append(node)
+        seen.add(node.input[0])
+        size += extra
+    return chunks + [current] if current else chunks
+
+
 SHRINKS = tuple(1 - 0.02 * i for i in range(11))   # 1.0 … 0.8
 
 
@@ -148,21 +164,28 @@ def matmul_nbits(node: onnx.NodeProto, K: int, N: int, codes: torch.Tensor, scal
     return new, inits
 
 
+GRAM_BYTES = 1 << 30   # float64 Grams held at once; more inputs are calibrated in further passes
+
+
 def quantize_gptq(model: onnx.ModelProto, exclude: list[str], batches: list[torch.Tensor], base_dir: Path,
                   bits: int, block: int, accuracy_level: int, damp: float = 0.01) -> int:
     """Replace every MatMul with a 2-d initializer weight (except `exclude`) by its GPTQ MatMulNBits node, in
-    place; returns the number replaced."""
+    place; returns the number replaced. The inputs' Grams are taken `GRAM_BYTES` at a time (each chunk one
+    onnxruntime pass over the batches: every Gram is of the float model's inputs, so the chunks do not
+    change the result, only the memory)."""
     inits = {i.name: i for i in model.graph.initializer}
     targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in exclude
                and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
-    grams = input_grams(model, sorted({n.input[0] for n in targets}), batches, base_dir)
     replaced = {}
-    for node in targets:
-        W = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]], base_dir=str(base_dir)).copy())
-        codes, scales, zeros = gptq(W, grams[node.input[0]], bits, block, damp)
-        replaced[node.name], tensors = matmul_nbits(node, *W.shape, codes, scales, zeros, bits, block,
-                                                    accuracy_level)
-        model.graph.initializer.extend(tensors)
+    for chunk in _gram_chunks(targets, inits):
+        grams = input_grams(model, sorted({n.input[0] for n in chunk}), batches, base_dir)
+        for node in chunk:
+            W = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]], base_dir=str(base_dir)).copy())
+            codes, scales, zeros = gptq(W, grams[node.input[0]], bits, block, damp)
+            replaced[node.name], tensors = matmul_nbits(node, *W.shape, codes, scales, zeros, bits, block,
+                                                        accuracy_level)
+            model.graph.initializer.extend(tensors)
+        del grams
     nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
     del model.graph.node[:]
     model.graph.node.extend(nodes)

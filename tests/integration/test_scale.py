@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,9 +36,12 @@ def test_bfloat16_weights_stay_bfloat16_and_score_like_float32(tmp_path):
     assert abs(bf16 - f32) / f32 < 0.02, (f32, bf16)
 
 
-def test_two_gloo_ranks_save_the_same_model_as_one_process(tmp_path):
-    args = ["compress", f"{MODELS}:llama", "--passes", "dotresize:mlp=0.25,heads=0.5", "--data", "random",
-            "--calib-samples", "4"]
+@pytest.mark.parametrize("passes, seq", [("dotresize:mlp=0.25,heads=0.5", "128"),
+                                         # 4 × 16 rows, fewer than the channels: the ranks gather rows
+                                         ("prune:mlp=0.25,heads=0.5,unmerge=ls", "16")])
+def test_two_gloo_ranks_save_the_same_model_as_one_process(tmp_path, passes, seq):
+    args = ["compress", f"{MODELS}:llama", "--passes", passes, "--data", "random", "--calib-samples", "4",
+            "--seq-len", seq]
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([sys.executable, "-m", "dotresize_fx.cli", *args, "--out", str(tmp_path / "one")], check=True,
                    capture_output=True)

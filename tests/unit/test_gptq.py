@@ -68,3 +68,32 @@ def test_matmulnbits_nodes_compute_the_dequantized_weight(tmp_path):
         got = sess.run(["logits"], {"x": x.numpy()})[0]
         assert np.abs(got - (x.double() @ W_hat).numpy()).max() < 1e-4
         assert np.abs(got - (x @ W).numpy()).max() > 1e-3   # really quantized
+
+
+def test_grams_taken_in_chunks_give_the_same_file(tmp_path, monkeypatch):
+    """Two chained MatMuls and one sharing the first's input: with a Gram budget of one byte every input is
+    calibrated in its own pass, and the quantized weights are the same as from one pass."""
+    import passes.gptq as gptq_module
+    g = torch.Generator().manual_seed(3)
+    w1, w2, w3 = (torch.randn(*s, generator=g).numpy().astype(np.float32) for s in ((64, 48), (48, 10), (64, 10)))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm1"),
+             helper.make_node("MatMul", ["y", "w2"], ["a"], name="mm2"),
+             helper.make_node("MatMul", ["x", "w3"], ["b"], name="mm3"),
+             helper.make_node("Add", ["a", "b"], ["logits"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "s", 64])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, "s", 10])],
+                              [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    batches = [torch.randn(1, 40, 64, generator=g) for _ in range(2)]
+    files = {}
+    for budget in (1 << 30, 1):
+        monkeypatch.setattr(gptq_module, "GRAM_BYTES", budget)
+        chunks = gptq_module._gram_chunks(
+            [n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "MatMul"],
+            {i.name: i for i in onnx.load(str(tmp_path / "f.onnx")).graph.initializer})
+        assert [len(c) for c in chunks] == ([3] if budget > 1 else [1, 1, 1])
+        model = onnx.load(str(tmp_path / "f.onnx"))
+        assert quantize_gptq(model, [], batches, tmp_path, 4, 16, accuracy_level=0) == 3
+        files[budget] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    one, chunked = files.values()
+    assert one.keys() == chunked.keys() and all(np.array_equal(one[k], chunked[k]) for k in one)
