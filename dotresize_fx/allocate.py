@@ -279,15 +279,16 @@ def allocate(model, analysis: Analysis, plan: WidthPlan, rule: str, batches, ord
 
     def free(g: WidthGroup) -> bool:
         return g.kind in kinds and g.resizable and order.index(g) is not None
-    names = [n for n in plan.widths if free(analysis.group(n))]
-    floors = {n: _floor(analysis.group(n), 1 - plan.widths[n][0] / analysis.group(n).size, round_to) for n in names}
-    if budget_fraction is not None and rule != "importance":
+    start = {n: w for n, w in plan.widths.items() if free(analysis.group(n))}
+    floors = {n: _floor(analysis.group(n), 1 - m / analysis.group(n).size, round_to) for n, (m, _) in start.items()}
+    if budget_fraction is not None and rule != "importance":   # whole heads groups the budget may cut
         for g in analysis.by_kind("heads"):
             if g.name not in plan.widths and free(g):
-                names.append(g.name)
-                plan.widths[g.name], floors[g.name] = (g.size, g.kv_heads), _floor(g, budget_fraction, round_to)
-    if len(names) < 2:
+                start[g.name], floors[g.name] = (g.size, g.kv_heads), _floor(g, budget_fraction, round_to)
+    if len(start) < 2:
         return {"rule": rule, "note": f"fewer than two {'/'.join(kinds)} groups in chaining blocks: nothing to spread"}
+    plan.widths.update(start)
+    names = list(start)
     groups = {n: analysis.group(n) for n in names}
     uniform = sum(rung_params(model, g, *plan.widths[n]) for n, g in groups.items())
     weights, forward_s = (fisher_weights(model, analysis, names, batches, [] if order.whole else order.modules)
