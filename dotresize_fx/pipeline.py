@@ -121,6 +121,8 @@ class WidthPass(PassBase):
                           budget_fraction)
         self._count_forward(report.pop("forward_s", 0.0))
         self.report["allocation"] = report
+        if "widths" in report:   # the uniform plan's rounding was only the reference
+            self.report["rounding"] = []
 
     def _spanning(self, model, new, plan: WidthPlan, order: Blocks):
         """Groups that span the blocks (and the residual stream): mapped from whole-model statistics first."""

@@ -17,6 +17,12 @@ def print_summary(r: dict) -> None:
     for p in r["passes"]:
         for line in p.get("rounding", []):
             print(f"rounded {line}")
+        a = p.get("allocation")
+        if a and "widths" in a:
+            print(f"{p['method']} allocation {a['rule']}: {a['params_kept'] / 1e6:.2f}M parameters kept in the "
+                  f"groups it spread (uniform {a['params_uniform'] / 1e6:.2f}M)")
+        elif a:
+            print(f"{p['method']} allocation {a['rule']}: {a['note']}")
         if p.get("untied"):
             print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
         if p.get("ls_reg"):
