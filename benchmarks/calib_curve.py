@@ -30,11 +30,15 @@ def main():
     path = Path(__file__).parent / "results" / f"calib-curve-{datetime.date.today().isoformat()}.json"
     out = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads",
            "data": args.data, "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "rows": []}
+    same = ("data", "seq_len", "eval_tokens")
+    if path.exists() and all(json.loads(path.read_text()).get(k) == out[k] for k in same):
+        out["rows"] = json.loads(path.read_text())["rows"]   # today's rows stay; re-measured ones are replaced
     for name in args.rows:
         for n in args.windows:
             t0 = time.perf_counter()
             r = _compress(argparse.Namespace(**{**vars(args), "calib_samples": n}), ROWS[name])
             out["dense_ppl"] = r["ppl_before"]
+            out["rows"] = [o for o in out["rows"] if (o["method"], o["windows"]) != (name, n)]
             out["rows"].append({"method": name, "config": ROWS[name], "windows": n, "ppl": r["ppl_after"],
                                 "compress_s": r["timing"]["compress_s"],
                                 "calib_forward_s": r["timing"]["calib_forward_s"],
@@ -43,7 +47,7 @@ def main():
                   file=sys.stderr, flush=True)
             path.write_text(json.dumps(out, indent=1))   # after every row: a stopped run keeps what it measured
     print("| method | windows | ppl | compress s | calib fwd s | peak RSS MB |\n|---|---|---|---|---|---|")
-    for r in out["rows"]:
+    for r in sorted(out["rows"], key=lambda r: (r["method"], r["windows"])):
         print(f"| {r['method']} | {r['windows']} | {r['ppl']:.2f} | {r['compress_s']:.0f} | "
               f"{r['calib_forward_s']:.0f} | {r['peak_rss_mb']:.0f} |")
 

@@ -24,9 +24,7 @@ on the dense blocks' outputs; one block's Grams in memory at a time.
 `fisher` — each row weighted by how sensitive the model's loss is at the group's consumer output y: w_t =
 ‖∂ℓ/∂y_t‖², ℓ the cross-entropy of labels sampled from the model's own output distribution (the Fisher
 information, label-free: the output is read as logits over its last dimension), so e ≈ 2·E[Δℓ] per token with
-the Fisher taken isotropic per token — the loss, one unit for every layer and both kinds. (A per-channel factor
-as well, E[g_tc²] ≈ w_t·b_c, measured worse on SmolLM2: 43.32 / 38.12 against 43.08 / 37.63 on the validation /
-evaluation splits.) First one forward and backward of the whole dense model per calibration batch (activation
+the Fisher taken isotropic per token — the loss, one unit for every layer and both kinds. First one forward and backward of the whole dense model per calibration batch (activation
 gradients only, no weight gradients) gives w; the Grams are then taken block by block as for `curve`.
 
 `importance` — FLAP-like, MLP groups only: each group's importance scores divided by their mean, one global
@@ -83,9 +81,10 @@ class Ladder:
     error: list[float]
 
 
-def rung_params(model, g: WidthGroup, m: int, kv: int | None) -> int:
-    """Parameters the group's members carry at width m (kv heads for the members that are kv-wide)."""
-    params, total, n = dict(model.named_parameters()), 0, g.size * g.unit
+def rung_params(params: dict, g: WidthGroup, m: int, kv: int | None) -> int:
+    """Parameters the group's members carry at width m (kv heads for the members that are kv-wide);
+    `params`: the model's named parameters."""
+    total, n = 0, g.size * g.unit
     for mem in g.members:
         p = params.get(mem.param)
         if p is None or mem.role not in ("producer", "consumer", "passthrough"):
@@ -96,7 +95,7 @@ def rung_params(model, g: WidthGroup, m: int, kv: int | None) -> int:
     return total
 
 
-def _ladder(model, g: WidthGroup, floor: int, step: int, gram: torch.Tensor, consumer: torch.Tensor,
+def _ladder(params: dict, g: WidthGroup, floor: int, step: int, gram: torch.Tensor, consumer: torch.Tensor,
             scores: torch.Tensor, scale: float) -> Ladder:
     if g.kind == "mlp":
         curve = error_curve(gram, consumer, scores.argsort(descending=True)) / scale
@@ -104,17 +103,10 @@ def _ladder(model, g: WidthGroup, floor: int, step: int, gram: torch.Tensor, con
         errors = [float(curve[m]) for m, _ in widths]
     else:
         widths = sorted({o for o in head_options(g) if o[0] >= floor} | {(g.size, g.kv_heads)},
-                        key=lambda o: rung_params(model, g, *o))
-        errors = [subset_error(gram, consumer, expand_index(_kept_heads(g, scores, m, kv), g.unit)) / scale
+                        key=lambda o: rung_params(params, g, *o))
+        errors = [subset_error(gram, consumer, expand_index(fit.keep_heads(scores, g.kv_heads, m, kv)[0], g.unit)) / scale
                   for m, kv in widths]
-    return Ladder(widths, [rung_params(model, g, m, kv) for m, kv in widths], errors)
-
-
-def _kept_heads(g: WidthGroup, scores: torch.Tensor, m: int, kv: int) -> torch.Tensor:
-    """The q heads the prune pass keeps at (m, kv) (`passes.prune.keep_units`)."""
-    if g.kv_heads == g.size:
-        return scores.topk(m).indices.sort().values
-    return fit.keep_heads(scores, g.kv_heads, m, kv)[0]
+    return Ladder(widths, [rung_params(params, g, m, kv) for m, kv in widths], errors)
 
 
 def _consumers(model, g: WidthGroup) -> torch.Tensor:
@@ -135,7 +127,7 @@ def _measure(model, analysis: Analysis, names: list[str], batches, order: Blocks
     block (each row weighted by `weights[n][batch]`, or by the entering stream's inverse norm); and the seconds
     of calibration forwards that took."""
     runner = BlockRunner(model, order, batches, device)
-    scores, ladders = {}, {}
+    scores, ladders, params = {}, {}, dict(model.named_parameters())
     for b in range(len(order.modules)):
         here = [n for n in names if order.index(analysis.group(n)) == b]
         if not here:
@@ -157,7 +149,7 @@ def _measure(model, analysis: Analysis, names: list[str], batches, order: Blocks
                 scale = subset_error(gram, consumer, torch.zeros(0, dtype=torch.long))
             else:
                 gram, scale = weighted[n].reduce().gram, stats.count
-            ladders[n] = _ladder(model, g, floors[n], step, gram, consumer, scores[n], max(scale, 1e-30))
+            ladders[n] = _ladder(params, g, floors[n], step, gram, consumer, scores[n], max(scale, 1e-30))
     return scores, ladders, runner.forward_s
 
 
@@ -289,14 +281,14 @@ def allocate(model, analysis: Analysis, plan: WidthPlan, rule: str, batches, ord
         return {"rule": rule, "note": f"fewer than two {'/'.join(kinds)} groups in chaining blocks: nothing to spread"}
     plan.widths.update(start)
     names = list(start)
-    groups = {n: analysis.group(n) for n in names}
-    uniform = sum(rung_params(model, g, *plan.widths[n]) for n, g in groups.items())
+    groups, params = {n: analysis.group(n) for n in names}, dict(model.named_parameters())
+    uniform = sum(rung_params(params, g, *plan.widths[n]) for n, g in groups.items())
     weights, forward_s = (fisher_weights(model, analysis, names, batches, [] if order.whole else order.modules)
                           if rule == "fisher" else (None, 0.0))
     scores, ladders, block_s = _measure(model, analysis, names, batches, order, importance, device, rule, floors,
                                         round_to, weights)
     if rule == "importance":
-        cost = {n: rung_params(model, g, 1, None) for n, g in groups.items()}
+        cost = {n: rung_params(params, g, 1, None) for n, g in groups.items()}
         chosen = {n: (m, None) for n, m in _threshold(scores, groups, cost, floors, uniform, round_to).items()}
         errors = {}
     else:
@@ -308,7 +300,7 @@ def allocate(model, analysis: Analysis, plan: WidthPlan, rule: str, batches, ord
         if w[0] == groups[n].size:
             del plan.widths[n]
     report = {"rule": rule, "widths": {n: m for n, (m, _) in chosen.items()}, "forward_s": forward_s + block_s,
-              "params_kept": sum(rung_params(model, groups[n], *w) for n, w in chosen.items()),
+              "params_kept": sum(rung_params(params, groups[n], *w) for n, w in chosen.items()),
               "params_uniform": uniform}
     if any(groups[n].kind == "heads" for n in chosen):
         report["kv_heads"] = {n: kv for n, (_, kv) in chosen.items() if groups[n].kind == "heads"}

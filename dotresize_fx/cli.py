@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-maps", choices=["global", "per_layer"],
                    help="one residual basis (stock) or one per block with skip adapters (default global)")
     p.add_argument("--calib-samples", type=int, default=32,
-                   help="calibration windows (default 32: within 1%% of 128 windows on SmolLM2 at a quarter of "
+                   help="calibration windows (default 32: within 1%% of 128 windows on SmolLM2 at a third of "
                         "the time, benchmarks/calib_curve.py)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weights' dtype through the job and in the output (auto: the checkpoint's own; "

@@ -167,7 +167,7 @@ def selection_fill(kept: torch.Tensor, n: int, gram: torch.Tensor | None, reg: f
         X, held = rows
         factors, lam = ridge_rows(X[:, kept], X[:, removed], held, reg)
         A, B = factors
-        if A.shape[1] * (A.shape[0] + B.shape[1]) >= A.shape[0] * B.shape[1]:   # as many rows as that saves
+        if A.shape[1] * (A.shape[0] + B.shape[1]) >= A.shape[0] * B.shape[1]:   # two products cost no less than R
             A, B = A @ B, None
         return Fill(kept, removed.nonzero().squeeze(1), A, B), lam
     hold = (None, None) if holdout is None else (holdout[kept][:, kept], holdout[kept][:, removed])

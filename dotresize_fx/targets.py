@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import DotResizeError
+from .evaluate import parameter_counts
 from .groups import Analysis, WidthGroup
 
 TARGET_KINDS = ("mlp", "heads", "residual", "channels")
@@ -55,7 +56,6 @@ class Targets:
         parameters (2 or 3 weights per residual channel), so that fraction of the MLP width."""
         if self.budget is None:
             return self
-        from .evaluate import parameter_counts
         mlp = sum(model.get_parameter(m.param).numel() for g in analysis.by_kind("mlp") for m in g.members
                   if m.role != "index")
         if not mlp:
