@@ -127,12 +127,11 @@ def size_mb(path: Path) -> float:
 def _signature(model, example_inputs):
     """(module to export, its example args, input names, output names, dynamic shapes)."""
     ids = example_inputs[0]
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    cache = kvcache.layout(model, vocab) if vocab and not ids.is_floating_point() else None
+    cache = None if ids.is_floating_point() else kvcache.layout(model, ids)
     if cache is not None:
         dtype = next(model.parameters()).dtype
-        decoder = kvcache.Decoder(model, cache)
-        return decoder, decoder.example(dtype), cache.input_names, cache.output_names, decoder.dynamic_shapes()
+        decoder = kvcache.wrap(model, cache)
+        return decoder, decoder.example(dtype, ids), cache.input_names, cache.output_names, decoder.dynamic_shapes()
     auto = torch.export.Dim.AUTO
     dims = {0: auto, 1: auto} if not ids.is_floating_point() else {0: auto}
     mask = takes_mask(model, example_inputs)
@@ -228,7 +227,7 @@ def forward_flops(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> i
 def dense_onnx(model: torch.nn.Module, example_inputs: tuple, opset: int = OPSET) -> Path:
     """The reference model's ONNX file, exported once per model content and opset and cached."""
     h = hashlib.sha256(f"{type(model).__qualname__} {torch.__version__} {takes_mask(model, example_inputs)} "
-                       f"{opset} native-gqa kv-cache".encode())
+                       f"{opset} native-gqa kv-cache sdpa-cache".encode())
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
     path = cache_dir() / "onnx" / f"dense-{h.hexdigest()[:20]}.onnx"

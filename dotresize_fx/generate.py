@@ -123,8 +123,8 @@ def check_generation(sess, model: torch.nn.Module, ids: torch.Tensor, n: int = 8
     seq = ids
     with torch.no_grad():
         for _ in range(n):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        full = model(ids).logits[:, -1].numpy()
+            seq = torch.cat([seq, main_output(model(seq))[:, -1].argmax(-1, keepdim=True)], dim=1)
+        full = main_output(model(ids))[:, -1].numpy()
     prefill = sess.run(None, kvcache.feed(sess, ids[:, :-1].numpy()))
     step = sess.run(["logits"], kvcache.feed(sess, ids[:, -1:].numpy(), past=prefill[1:]))[0][:, -1]
     return {"tokens": n, "batch": ids.shape[0], "same_tokens": bool((tokens == seq[:, ids.shape[1]:].numpy()).all()),
@@ -134,25 +134,40 @@ def check_generation(sess, model: torch.nn.Module, ids: torch.Tensor, n: int = 8
 def _greedy_torch(model, ids: torch.Tensor, n: int):
     """Tokens (batch, n), (prefill s, decode s), and max |logits of a cached step − full-sequence logits|
     (None: the model has no cache)."""
-    cached = kvcache.generates(model)
+    step, cached = _torch_step(model, ids)
     tokens, diff = [], None
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True) if cached else model(ids)
+        logits, state = step(ids, None)
         t_prefill = time.perf_counter() - t0
         seq = ids
-        for step in range(n):
-            nxt = main_output(out)[:, -1].argmax(-1, keepdim=True)
+        for i in range(n):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
             seq = torch.cat([seq, nxt], dim=1)
-            if step == n - 1:
+            if i == n - 1:
                 break
-            if cached:
-                out = model(nxt, use_cache=True, **{kvcache.cache_kwarg(model): kvcache.returned_cache(out)})
-                if step == 0:   # the cached step must give the logits the whole sequence gives
-                    full = main_output(model(seq))[:, -1]
-                    diff = (main_output(out)[:, -1] - full).abs().max().item()
-            else:
-                out = model(seq)
+            logits, state = step(nxt, state) if cached else step(seq, None)
+            if cached and i == 0:   # the cached step must give the logits the whole sequence gives
+                diff = (logits[:, -1] - main_output(model(seq))[:, -1]).abs().max().item()
         t_decode = time.perf_counter() - t0 - t_prefill
     return torch.cat(tokens, dim=1), (t_prefill, t_decode), diff
+
+
+def _torch_step(model, ids: torch.Tensor):
+    """(step, cached): step(new ids, cache or None) → (logits, cache) through the model's own cache (Hugging
+    Face), the SDPA cache the export uses, or none (cached False: step is given the whole sequence)."""
+    if kvcache.generates(model):
+        def hf(x, cache):
+            out = model(x, use_cache=True, **({kvcache.cache_kwarg(model): cache} if cache is not None else {}))
+            return out.logits, kvcache.returned_cache(out)
+        return hf, True
+    cache = kvcache.layout(model, ids)
+    if cache is None:
+        return (lambda x, _: (main_output(model(x)), None)), False
+    decoder, empty = kvcache.wrap(model, cache), cache.empty(ids.shape[0], next(model.parameters()).dtype)
+
+    def sdpa(x, past):
+        out = decoder(x, *(empty if past is None else past))
+        return out[0], out[1:]
+    return sdpa, True

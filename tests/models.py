@@ -100,8 +100,11 @@ class NanoGPT(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
 
+    def embed(self, idx):
+        return self.wte(idx)
+
     def forward(self, idx):
-        x = self.wte(idx)
+        x = self.embed(idx)
         for b in self.blocks:
             x = b(x)
         return self.lm_head(self.ln_f(x))
@@ -110,6 +113,32 @@ class NanoGPT(nn.Module):
 def nanogpt():
     torch.manual_seed(0)
     return NanoGPT().eval(), _ids()
+
+
+class _SdpaBlock(_NanoBlock):
+    def attn(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NanoGPTSdpa(NanoGPT):
+    """nanoGPT as it is written today: causal SDPA, learned positions from `torch.arange(t)`, tied head."""
+    def __init__(self, vocab=VOCAB, d=32, heads=4, layers=2, positions=64):
+        super().__init__(vocab, d, heads, layers)
+        self.blocks = nn.ModuleList(_SdpaBlock(d, heads) for _ in range(layers))
+        self.wpe = nn.Embedding(positions, d)
+
+    def embed(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        return self.wte(idx) + self.wpe(pos)
+
+
+def nanogpt_sdpa():
+    torch.manual_seed(0)
+    return NanoGPTSdpa().eval(), _ids()
 
 
 class MixerBlock(nn.Module):

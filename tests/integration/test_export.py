@@ -1,4 +1,6 @@
 """ONNX export with dynamic batch/sequence, onnxruntime parity, and the export command's errors."""
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -74,6 +76,46 @@ def test_kv_cache_onnx_generates_torchs_greedy_tokens(arch, tmp_path):
     assert out[1].shape[2] == 4 and step[1].shape[2] == 5
     with torch.no_grad():
         assert np.abs(step[0][:, -1] - model(ids[:, :5]).logits[:, -1].numpy()).max() < PARITY_TOL
+
+
+class _TablePositions(models.NanoGPTSdpa):
+    """Positions sliced from a table by the sequence length: a cache cannot shift them."""
+    def embed(self, idx):
+        return self.wte(idx) + self.wpe.weight[: idx.size(1)]
+
+
+def test_a_module_with_causal_sdpa_exports_a_kv_cache_that_generates(tmp_path):
+    """A nanoGPT written with causal SDPA and learned positions from arange, compressed through its captured
+    program (fewer heads, narrower residual): the file takes the resized cache (2 heads), its greedy tokens and
+    cached step equal torch's, and torch decodes through the same cache. Positions taken from a table by
+    slicing cannot be shifted: that model exports without a cache, and says why."""
+    import json
+    out = tmp_path / "o"
+    assert main(["compress", f"{models.__file__}:nanogpt_sdpa", "--passes", "prune:residual=0.25,heads=0.5",
+                 "--data", "random", "--calib-samples", "2", "--onnx", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewrite_path"] == "program" and report["onnx"]["generation"]["same_tokens"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids"] + [i.name for i in kvcache.past_inputs(sess)]
+    assert [i.shape[1] for i in kvcache.past_inputs(sess)] == [2] * 4
+    assert main(["generate", str(out), "--prompt-ids", "5,9,2,7,1", "--max-new-tokens", "7", "--batch", "2",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["same_tokens"] and g["ort"]["kv_cache"] and g["cache_max_abs_diff"] < 1e-4
+
+    torch.manual_seed(0)
+    table = _TablePositions().eval()
+    logger, records = logging.getLogger("dotresize_fx.kvcache"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        path = to_onnx(table, models._ids(), tmp_path / "t.onnx")
+    finally:
+        logger.removeHandler(handler)
+    assert any("exported without a KV cache" in r.getMessage() for r in records)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids"]
 
 
 def test_failed_validation_says_by_how_much():
