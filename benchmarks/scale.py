@@ -58,6 +58,8 @@ def _run(size: str, dtype: str, ranks: int, threads: int) -> dict:
     weights_mb = r["params_before"] * (2 if dtype in ("bfloat16", "float16") else 4) / 2 ** 20
     return {"size": size, "dtype": dtype, "ranks": ranks, "params": r["params_before"], "weights_mb": weights_mb,
             "peak_rss_mb": r["peak_rss_mb"], "rss_over_weights": r["peak_rss_mb"] / weights_mb,
+            "baseline_rss_mb": r["baseline_rss_mb"],
+            "rss_above_baseline_over_weights": (r["peak_rss_mb"] - r["baseline_rss_mb"]) / weights_mb,
             "compress_s": t["compress_s"], "calib_forward_s": t["calib_forward_s"],
             "compress_over_forward": t["compress_s"] / max(t["calib_forward_s"], 1e-9), "wall_s": wall,
             "ppl_before": r.get("ppl_before"), "ppl_after": r.get("ppl_after")}

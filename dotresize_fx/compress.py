@@ -131,6 +131,15 @@ def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> d
     return Pipeline(passes).run(model, **job_options)
 
 
+def current_rss_mb() -> float | None:
+    """The process's resident memory now (Linux's /proc; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize() / 2**20
+
+
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
     from passes import EXPORT_PASSES, WIDTH_PASSES, export_config, width_config
@@ -149,7 +158,7 @@ def run(job: Job) -> dict:
     timing = {}
     if out:
         check_output_dir(Path(out), job.model, job.overwrite)
-    t = time.perf_counter()
+    t, baseline_rss = time.perf_counter(), current_rss_mb()
     model, tokenizer, inputs = load(job.model, job.dtype)
     timing["load_s"] = time.perf_counter() - t
     if onnx and model_dtype(model) != torch.float32:
@@ -205,6 +214,7 @@ def run(job: Job) -> dict:
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["baseline_rss_mb"] = baseline_rss   # the process before the model loads: interpreter and libraries
     report["_model"], report["_tokenizer"], report["_eval_windows"] = current, tokenizer, eval_windows
     if out:
         stock = all(r.get("stock", True) for r in pass_reports)
