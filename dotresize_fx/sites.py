@@ -127,7 +127,7 @@ def transform(P: torch.Tensor, ops) -> torch.Tensor:
             pos = off + length
         if pos < P.shape[dim]:
             pieces.append(P.narrow(dim, pos, P.shape[dim] - pos))
-        P = torch.cat(pieces, dim=dim)
+        P = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)   # one piece: no copy
     return P.contiguous()
 
 
