@@ -141,6 +141,52 @@ def nanogpt_sdpa():
     return NanoGPTSdpa().eval(), _ids()
 
 
+def _rope(x, pos):
+    half = x.shape[-1] // 2
+    angle = pos[:, None].float() / 10000 ** (torch.arange(half, dtype=torch.float32) / half)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], -1)
+
+
+class _RopeBlock(nn.Module):
+    def __init__(self, d=32, heads=4, kv=2, hidden=64):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv, d // heads
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+        self.o, self.n1, self.n2 = nn.Linear(d, d), nn.RMSNorm(d), nn.RMSNorm(d)
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x, pos):
+        B, T, C = x.shape
+        y = self.n1(x)
+        q, k, v = (p(y).view(B, T, h, self.hd).transpose(1, 2)
+                   for p, h in ((self.q, self.heads), (self.k, self.kv), (self.v, self.kv)))
+        a = nn.functional.scaled_dot_product_attention(_rope(q, pos), _rope(k, pos), v, is_causal=True,
+                                                       enable_gqa=True, scale=0.3)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, C))
+        y = self.n2(x)
+        return x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
+
+
+class RopeGqaSdpa(nn.Module):
+    """A hand-written Llama: rotary positions from `torch.arange`, grouped-query SDPA (`enable_gqa`, own scale)."""
+    def __init__(self, vocab=VOCAB, d=32, layers=2):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.blocks = nn.ModuleList(_RopeBlock(d) for _ in range(layers))
+
+    def forward(self, ids):
+        pos, x = torch.arange(ids.shape[1], device=ids.device), self.embed(ids)
+        for b in self.blocks:
+            x = b(x, pos)
+        return self.head(x)
+
+
+def rope_gqa_sdpa():
+    torch.manual_seed(0)
+    return RopeGqaSdpa().eval(), _ids()
+
+
 class MixerBlock(nn.Module):
     """MLP-Mixer: an nn.Linear across the token dimension, then one across channels."""
     def __init__(self, tokens, d, token_hidden, channel_hidden):

@@ -78,6 +78,19 @@ def test_kv_cache_onnx_generates_torchs_greedy_tokens(arch, tmp_path):
         assert np.abs(step[0][:, -1] - model(ids[:, :5]).logits[:, -1].numpy()).max() < PARITY_TOL
 
 
+@pytest.mark.parametrize("arch", ["nanogpt_sdpa", "rope_gqa_sdpa"])
+def test_causal_sdpa_modules_export_a_cache_with_their_kv_heads(arch, tmp_path):
+    """Learned positions, or rotary ones with grouped-query SDPA (2 kv heads for 4 q heads, its own scale):
+    the file's cache has the kv heads, and decoding through it gives torch's greedy tokens and full-sequence
+    logits."""
+    from dotresize_fx.generate import check_generation
+    model, inputs = getattr(models, arch)()
+    sess = ort.InferenceSession(str(to_onnx(model, inputs, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    assert [i.shape[1] for i in kvcache.past_inputs(sess)] == ([4] * 4 if arch == "nanogpt_sdpa" else [2] * 4)
+    gen = check_generation(sess, model, inputs[0][:, :5], n=6)
+    assert gen["same_tokens"] and gen["cached_step_max_abs_diff"] < PARITY_TOL
+
+
 class _TablePositions(models.NanoGPTSdpa):
     """Positions sliced from a table by the sequence length: a cache cannot shift them."""
     def embed(self, idx):
