@@ -25,6 +25,7 @@ from .groups import Analysis, WidthGroup
 from .maps import WidthMap
 from .outputs import model_outputs
 from .refit import refit_consumer
+from .refit_residual import refit_readers
 from .residual import stage_of
 from .rewrite import apply, finalize
 from .targets import WidthPlan, plan_widths
@@ -57,7 +58,8 @@ class WidthPass(PassBase):
         self.progress, self.layerwise, self.device = progress, layerwise, device
         # in place: no second copy of the weights (the caller keeps no use for the dense model); a refit toward
         # the dense model's own activations needs it, so that one still copies
-        self.inplace = inplace and getattr(config, "ls_target", "current") != "dense"
+        self.inplace = inplace and getattr(config, "ls_target", "current") != "dense" and \
+            not self.targets.residual_refit
         self.report: dict = {}
 
     def group_map(self, model: torch.nn.Module, g: WidthGroup, m: int, kv_after: int | None,
@@ -138,6 +140,13 @@ class WidthPass(PassBase):
         self._count_forward(cal.forward_s)
         maps = {n: self._spanning_map(new, self.analysis.group(n), *plan.widths[n], cal, order) for n in names}
         _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
+        if self.targets.residual_refit:
+            for g in (self.analysis.group(n) for n in names if self.analysis.group(n).kind == "residual"):
+                lams, seconds = refit_readers(new, model, g, order, self.batches, getattr(self.config, "ls_reg", 1e-4),
+                                              self.device)
+                self._count_forward(seconds)
+                self.report.setdefault("residual_refit", {}).update(
+                    {norm: lam if math.isfinite(lam) else "prior" for norm, lam in lams.items()})
         return self._kept(maps), first.untied, first.notes
 
     def _kept(self, maps: dict[str, WidthMap]) -> dict:

@@ -30,6 +30,7 @@ class Targets:
     # SmolLM2), uniform for fractions given per kind
     allocation: Allocation | None = None
     fold_bn: bool = False                    # channels: BatchNorm scales folded into their convs first (`foldbn`)
+    residual_refit: bool = False             # the stream's readers refitted block by block (`refit_residual`)
 
     def __post_init__(self):
         if self.allocation is None:
@@ -45,6 +46,8 @@ class Targets:
             if self.mlp is not None or self.heads is not None:
                 raise DotResizeError("budget spreads one reduction over the MLP (and, with allocation=curve or "
                                      "fisher, the heads) widths: give it instead of mlp/heads fractions")
+        if self.residual_refit and self.residual is None:
+            raise DotResizeError("residual_refit refits the readers of a resized residual stream: give residual=F")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise DotResizeError(f"round_to={self.round_to}: give a positive whole number (default 8)")
 

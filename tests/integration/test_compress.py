@@ -252,6 +252,34 @@ def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, 
     assert abs(got - want.numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_residual_refit_fits_each_norms_readers_on_the_resized_prefix(arch, tmp_path):
+    """RMSNorm and LayerNorm streams: with every norm's readers refitted block by block (the final norm's, the
+    LM head, too), held-out logits are nearer the dense model's than with the map's own readers; the output is
+    saved as the map alone is (stock for Llama) and reloads to the same logits. Without a residual target the
+    option is refused."""
+    def job(passes, out):
+        return Job(f"{FACTORY}:{arch}", PassSpec.parse(passes), data="random", calib_samples=16, out=str(out),
+                   progress=False)
+    plain = run(job("pca:residual=0.25", tmp_path / "a"))["_model"]
+    report = run(job("pca:residual=0.25,residual_refit=1", tmp_path / "b"))
+    dense, _ = getattr(models, arch)()
+    ids = torch.randint(0, models.VOCAB, (4, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = dense(ids).logits
+        err = {name: (m(ids).logits - want).norm().item() for name, m in (("plain", plain),
+                                                                          ("refit", report["_model"]))}
+        assert torch.equal(load(tmp_path / "b").model(ids).logits, report["_model"](ids).logits)
+    assert err["refit"] < err["plain"]   # random weights: dropped directions are barely predictable
+    refitted = report["passes"][0]["residual_refit"]
+    layers = dense.config.num_hidden_layers
+    assert len(refitted) == 2 * layers + 1 and ("model.norm" in refitted or "transformer.ln_f" in refitted)
+    stock = [json.loads((tmp_path / d / "resize_plan.json").read_text())["stock"] for d in "ab"]
+    assert stock[0] == stock[1]   # the refit changes weights only: stock as the map alone is
+    with pytest.raises(DotResizeError, match="residual_refit refits the readers of a resized residual stream"):
+        run(job("prune:mlp=0.25,residual_refit=1", tmp_path / "c"))
+
+
 def test_per_layer_maps_are_a_choice_that_is_checked(tmp_path):
     with pytest.raises(DotResizeError, match="residual_maps='blocky' is not a choice: use one of global, per_layer"):
         run(_job("llama", "pca:residual=0.25,residual_maps=blocky", tmp_path))
