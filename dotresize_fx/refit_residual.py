@@ -45,16 +45,18 @@ def refit_readers(new: torch.nn.Module, dense: torch.nn.Module, g: WidthGroup, o
     n_blocks, lams, forward_s = len(order.modules), {}, 0.0
     for b in range(n_blocks):
         inside = [n for n in readers if stage_of(n, order.prefix, n_blocks) == b]
-        for norm in _forward_order(runner, b, inside):
-            lams[norm], seconds = _refit(new, dense, norm, readers[norm], reg, len(runner),
-                                         lambda i: (runner.run_one(b, i), dense_runner.run_one(b, i)))
-            forward_s += seconds
-        runner.advance(b)
-        dense_runner.advance(b)
+        with runner.onloaded(b), dense_runner.onloaded(b):
+            for norm in _forward_order(runner, b, inside):
+                lams[norm], seconds = _refit(new, dense, norm, readers[norm], reg, len(runner),
+                                             lambda i: (runner.run_one(b, i), dense_runner.run_one(b, i)))
+                forward_s += seconds
+            runner.advance(b)
+            dense_runner.advance(b)
     for norm in (n for n in readers if stage_of(n, order.prefix, n_blocks) == n_blocks):
-        if _reads_last_block(new, norm, runner, batches[0]):
+        if _reads_last_block(new, norm, runner, batches[0]):   # norms outside the blocks run on the CPU
             lams[norm], seconds = _refit(new, dense, norm, readers[norm], reg, len(runner), lambda i: (
-                new.get_submodule(norm)(runner.hidden(i)), dense.get_submodule(norm)(dense_runner.hidden(i))))
+                new.get_submodule(norm)(runner.hidden(i).cpu()),
+                dense.get_submodule(norm)(dense_runner.hidden(i).cpu())))
             forward_s += seconds
     return lams, forward_s + runner.forward_s + dense_runner.forward_s
 
@@ -123,4 +125,5 @@ def _reads_last_block(model, norm: str, runner: BlockRunner, batch) -> bool:
             model(*batch)
     finally:
         hook.remove()
-    return bool(got) and got[0].shape == runner.hidden(0).shape and torch.allclose(got[0], runner.hidden(0))
+    last = runner.hidden(0).cpu()
+    return bool(got) and got[0].shape == last.shape and torch.allclose(got[0], last)
