@@ -60,11 +60,10 @@ ROWS = {
     "pca-global": "pca:residual=0.25",
     "pca-global-20": "pca:residual=0.375",   # 576→360: about −20% non-embedding once the head is untied
     "dotresize-residual": "dotresize:residual=0.25,unmerge=pinv",
-    # the stream's readers refitted block by block on the resized prefix; widths 512 / 456 / 432 as SliceGPT's
-    "pca-512": "pca:residual=0.111",
-    "pca-512-refit": "pca:residual=0.111,residual_refit=1",
-    "pca-456": "pca:residual=0.208",
-    "pca-456-refit": "pca:residual=0.208,residual_refit=1",
+    # the stream's readers refitted block by block on the resized prefix. A stock Llama's width is a multiple of
+    # its 9 heads (and of round_to 8): 576→512 rounds to 504, SliceGPT's 456 is not reachable, 432 is
+    "pca-504": "pca:residual=0.111",
+    "pca-504-refit": "pca:residual=0.111,residual_refit=1",
     "pca-global-refit": "pca:residual=0.25,residual_refit=1",
     "dotresize-residual-refit": "dotresize:residual=0.25,unmerge=pinv,residual_refit=1",
     # residual 576→432 with a basis per block and an adapter on each skip (not a stock architecture)
