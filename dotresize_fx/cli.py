@@ -208,8 +208,8 @@ def _add_opset(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="sotu", help="text: sotu | moby | file.txt | folder | hf:NAME[:CONFIG]:SPLIT; inputs: "
-                                                  "random | x.pt | x.npy | a folder of images")
+    p.add_argument("--data", default="sotu", help="text: sotu | moby | file.txt | folder | hf:NAME[:CONFIG]:SPLIT; "
+                                                  "inputs: random | x.pt | x.npy | a folder of images")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens, BOS included (default 512)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored for perplexity (default 16384)")
 

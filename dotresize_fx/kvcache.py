@@ -232,8 +232,9 @@ def _sdpa_layout(model: torch.nn.Module, ids: torch.Tensor, prefill: int = 6, st
     diff = (got - want[:, prefill:]).abs().max().item()
     tol = max(1e-4, 16 * torch.finfo(dtype).eps) * max(1.0, want.abs().max().item())
     if diff > tol:
-        log.warning("exported without a KV cache: a cached step through its causal attention differs from the "
-                    "full sequence by %.3g (its positions are not torch.arange over the sequence?)", diff)
+        log.warning("no KV cache for this model (its ONNX file takes the whole sequence): a cached step through "
+                    "its causal attention differs from the full sequence by %.3g (are its positions not "
+                    "torch.arange over the sequence?)", diff)
         return None
     return cache
 
