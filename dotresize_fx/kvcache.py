@@ -215,11 +215,14 @@ def _tokens(ids: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     return flat.repeat(batch * seq // flat.numel() + 1)[: batch * seq].reshape(batch, seq)
 
 
-def _sdpa_layout(model: torch.nn.Module, ids: torch.Tensor, prefill: int = 6, step: int = 3) -> CacheLayout | None:
-    """The layout of a module whose every attention is causal SDPA without a mask, when a cached step of
-    `step` tokens after a `prefill` gives the full sequence's logits; else None (a warning says why when the
-    attention was causal SDPA: its positions are not `arange` over the sequence, say)."""
-    full = _tokens(ids, 2, prefill + step)
+def _sdpa_layout(model: torch.nn.Module, ids: torch.Tensor) -> CacheLayout | None:
+    """The layout of a module whose every attention is causal SDPA without a mask, when a cached step over the
+    second half of `ids` (its own example ids, a shape the model takes) after the first half gives the full
+    sequence's logits; else None (a warning says why when the attention was causal SDPA: its positions are not
+    `arange` over the sequence, say)."""
+    full, prefill = ids, ids.shape[1] // 2
+    if prefill < 1:
+        return None
     with torch.no_grad(), _Record() as rec:
         want = model_outputs(model, (full,))
     if not rec.calls or not all(causal for _, causal in rec.calls):
@@ -227,7 +230,7 @@ def _sdpa_layout(model: torch.nn.Module, ids: torch.Tensor, prefill: int = 6, st
     cache = CacheLayout(tuple(shapes for shapes, _ in rec.calls), positions=False, hf=False)
     decoder, dtype = SdpaDecoder(model, cache), want.dtype
     with torch.no_grad():
-        first = decoder(full[:, :prefill], *cache.empty(2, dtype))
+        first = decoder(full[:, :prefill], *cache.empty(full.shape[0], dtype))
         got = decoder(full[:, prefill:], *first[1:])[0]
     diff = (got - want[:, prefill:]).abs().max().item()
     tol = max(1e-4, 16 * torch.finfo(dtype).eps) * max(1.0, want.abs().max().item())

@@ -37,9 +37,9 @@ def refit_readers(new: torch.nn.Module, dense: torch.nn.Module, g: WidthGroup, o
                              "blocks do not; leave it off")
     readers = {norm: [m for m in g.members if m.role == "consumer" and m.reads == norm] for norm in g.norms}
     readers = {norm: mems for norm, mems in readers.items() if mems}
-    for norm in readers:
-        if not isinstance(new.get_submodule(norm), torch.nn.Module) or isinstance(new, torch.fx.GraphModule):
-            raise DotResizeError("residual_refit observes the norms as modules: it needs the eager rewrite path")
+    if isinstance(new, torch.fx.GraphModule):
+        raise DotResizeError("residual_refit observes the norms as modules, which a captured program does not "
+                             "have: leave it off for this model (it resizes through the program path)")
     runner = BlockRunner(new, order, batches, device)
     dense_runner = BlockRunner(dense, Blocks(order.prefix, list(dense.get_submodule(order.prefix))), batches, device)
     n_blocks, lams, forward_s = len(order.modules), {}, 0.0
@@ -80,23 +80,23 @@ def _refit(new, dense, norm: str, members, reg: float, n_batches: int, run) -> t
     seconds = time.perf_counter() - t0
     cross.reduce()
     sites = [owner(dense, m) for m in members]
-    dense_w = [_reader_rows(site_tensor(dense, *s), m, None) for s, m in zip(sites, members)]
-    now_w = [_reader_rows(site_tensor(new, *s), m, site_tensor(dense, *s).shape[m.dim] - w.shape[-1])
-             for s, m, w in zip(sites, members, dense_w)]
-    prior = torch.linalg.lstsq(torch.cat(dense_w), torch.cat(now_w)).solution   # n × m: W_now = W_dense·prior
+    dense_t = [site_tensor(dense, *s) for s in sites]
+    others = [W.shape[m.dim] - (m.length or W.shape[m.dim]) for W, m in zip(dense_t, members)]
+    prior = torch.linalg.lstsq(   # n × m: W_now = W_dense·prior
+        torch.cat([_reader_rows(W, m, o) for W, m, o in zip(dense_t, members, others)]),
+        torch.cat([_reader_rows(site_tensor(new, *s), m, o) for s, m, o in zip(sites, members, others)])).solution
     U, lam = ridge_fit(cross.A, cross.B, reg, prior.T, cross.A_hold, cross.B_hold)
-    for (module, attr), m in zip(sites, members):
-        W = site_tensor(dense, module, attr, dtype=None)
-        out = transform(W, [(m.dim, m.offset, m.length or W.shape[m.dim], U.T)])
+    for (module, attr), m, W, o in zip(sites, members, dense_t, others):
+        out = transform(W, [(m.dim, m.offset, W.shape[m.dim] - o, U.T)])
         mod = new.get_submodule(module)
         setattr(mod, attr, torch.nn.Parameter(out.to(getattr(mod, attr).dtype), requires_grad=False))
     return lam, seconds
 
 
-def _reader_rows(W: torch.Tensor, m, others: int | None) -> torch.Tensor:
+def _reader_rows(W: torch.Tensor, m, others: int) -> torch.Tensor:
     """The reader's segment of the stream as rows (one per output coordinate), channels last; `others`: the
-    width of the dim outside the segment (None: the dense member, whose own length applies)."""
-    length = (m.length or W.shape[m.dim]) if others is None else W.shape[m.dim] - others
+    width of the dim outside the segment, the same before and after the resize."""
+    length = W.shape[m.dim] - others
     return W.narrow(m.dim, m.offset, length).movedim(m.dim, -1).reshape(-1, length)
 
 

@@ -71,8 +71,8 @@ def _working(model, site: tuple[str, str], ops) -> torch.Tensor:
     """The parameter as the ops need it: as stored when they only select, or select and fill (pruning with
     least squares), else in its working dtype. A selection is exact in any dtype; a fill W[:, kept] +
     W[:, removed]·Rᵀ in bfloat16 accumulates in float32 inside the kernel and is rounded to bfloat16 as the
-    stored result is anyway (AMX runs it 9× faster than float32 here: 5 vs 48 ms per 836M block), and a weight
-    is not widened for nothing."""
+    stored result is anyway (with AMX 38 against 115 ms for an 836M down projection, at 1.11× bfloat16's
+    storage error: `benchmarks/bf16_fill.py`), and a weight is not widened for nothing."""
     if all(isinstance(op[-1], (Index, IndexFill)) for op in ops):
         return getattr(model.get_submodule(site[0]), site[1]).detach()
     return site_tensor(model, *site, dtype=None)
