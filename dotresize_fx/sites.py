@@ -89,7 +89,7 @@ class Index:
     idx: torch.Tensor
 
     def __call__(self, P: torch.Tensor, dim: int) -> torch.Tensor:
-        return P.index_select(dim, self.idx.to(P.device))
+        return take(P, dim, self.idx)
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,15 @@ class IndexFill:
     def __call__(self, P: torch.Tensor, dim: int) -> torch.Tensor:
         f = self.fill
         moved = P.movedim(dim, -1)
-        out = moved.index_select(-1, f.kept.to(P.device))
-        out = out + f.fill_removed(moved.index_select(-1, f.removed.to(P.device)))
+        out = take(moved, -1, f.kept)
+        out += f.fill_removed(take(moved, -1, f.removed))
         return out.movedim(-1, dim)
+
+
+def take(P: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """P's entries at `idx` along `dim`, by advanced indexing: half the time of `index_select` on a CPU
+    for bfloat16 weights and for column gathers."""
+    return P[(slice(None),) * (dim % P.dim()) + (idx.to(P.device),)]
 
 
 def expand_index(idx: torch.Tensor, step: int) -> torch.Tensor:
@@ -150,6 +156,10 @@ def consumer_norms(model: torch.nn.Module, group: WidthGroup) -> torch.Tensor:
         inner = group.inner(m)
         if (m.length or n_ch) != n_ch * inner:
             continue
-        W = site_tensor(model, *owner(model, m), dtype=None).cpu().movedim(m.dim, -1)
-        total += W.reshape(-1, n_ch, inner).square().sum((0, 2)).to(torch.float64)
+        module, attr = owner(model, m)
+        W = getattr(model.get_submodule(module), attr).detach().movedim(m.dim, -1)
+        dtype = working_dtype(W.dtype)
+        for rows in W.reshape(-1, n_ch, inner).split(256):
+            # a copy per chunk squared in place: no weight-sized buffer, and float32 sums for bfloat16
+            total += rows.to("cpu", dtype, copy=True).square_().sum((0, 2)).double()
     return total.sqrt()
