@@ -23,6 +23,9 @@ ROWS = {
     "prune": "prune:mlp=0.25",
     "prune+ls": "prune:mlp=0.25,unmerge=ls",
     "prune+ls-cholesky": "prune:mlp=0.25,unmerge=ls,importance=cholesky",
+    "prune+ls-transport": "prune:mlp=0.25,unmerge=ls,importance=transport",
+    "dotresize-mlp-pure-transport": "dotresize:mlp=0.25,pure_producers=1,refine=0,importance=transport",
+    "dotresize-mlp-mass0.25-transport": "dotresize:mlp=0.25,mass=0.25,importance=transport",
     "dotresize-mlp": "dotresize:mlp=0.25",
     "dotresize-mlp-cholesky": "dotresize:mlp=0.25,importance=cholesky",
     "dotresize-mlp-mass0.5": "dotresize:mlp=0.25,mass=0.5",
@@ -84,6 +87,7 @@ ROWS = {
     "dotresize-mlp-10-pure": "dotresize:mlp=0.125,pure_producers=1,refine=0",
     "prune+ls-30": "prune:mlp=0.375,unmerge=ls",
     "dotresize-mlp-30": "dotresize:mlp=0.375",
+    "dotresize-mlp-30-pure": "dotresize:mlp=0.375,pure_producers=1,refine=0",
 }
 
 # Gemma-3-270M: 168M of its 268M parameters are the embedding; its 18 MLPs (640×2048×3) are 70.8M of the
@@ -94,6 +98,9 @@ GEMMA3_ROWS = {
     for method, config in (("prune", "prune:mlp={f}"), ("prune+ls", "prune:mlp={f},unmerge=ls"),
                            ("dotresize-mass0.25", "dotresize:mlp={f},mass=0.25"),
                            ("dotresize-pure", "dotresize:mlp={f},pure_producers=1,refine=0"))
+} | {   # the same −19.8% as one budget over MLPs and heads (allocation fisher, the budget's default)
+    "prune+ls-budget-20": "prune:budget=0.198,unmerge=ls",
+    "dotresize-pure-budget-20": "dotresize:budget=0.198,pure_producers=1,refine=0",
 }
 ROWS_BY_MODEL = {"gemma3-270m": GEMMA3_ROWS}
 

@@ -46,11 +46,38 @@ def _weighted_cholesky(gram: torch.Tensor, col_norms: torch.Tensor, m: int) -> t
     return pivoted_cholesky(gram * col_norms[:, None] * col_norms[None, :], m)
 
 
+def transport_targets(gram: torch.Tensor, col_norms: torch.Tensor, m: int) -> torch.Tensor:
+    """m targets S that make the cost of moving every neuron onto its nearest target small:
+    min_S Σ_j min_{i∈S} C_ji,  C_ji = d_j²·(G_jj − G_ij²/G_ii),
+    the part of neuron j's consumer contribution that target i, rescaled, cannot carry (C_jj = 0). Reverse
+    greedy, as for facility location: from all n, drop one target at a time, the one whose loss raises the cost
+    least (its neurons move to their second-nearest target)."""
+    n = gram.shape[0]
+    diag = gram.diagonal().clamp_min(1e-30)
+    C = (col_norms[:, None] ** 2) * (diag[:, None] - gram ** 2 / diag[None, :]).clamp_min(0)
+    C.fill_diagonal_(0.0)
+    alive = torch.ones(n, dtype=torch.bool)
+    near = C.topk(2, dim=1, largest=False)
+    values, indices = near.values.clone(), near.indices.clone()
+    for _ in range(n - m):
+        # dropping target t costs every neuron whose nearest it is the step to its second-nearest
+        raise_by = torch.zeros(n, dtype=C.dtype).index_add_(0, indices[:, 0], values[:, 1] - values[:, 0])
+        raise_by[~alive] = math.inf
+        t = int(raise_by.argmin())
+        alive[t] = False
+        C[:, t] = math.inf
+        stale = ((indices == t).any(1)).nonzero().squeeze(1)   # only their two nearest change
+        near = C[stale].topk(2, dim=1, largest=False)
+        values[stale], indices[stale] = near.values, near.indices
+    return alive.nonzero().squeeze(1)
+
+
 IMPORTANCES: dict[str, Importance] = {
     "weight": Importance(lambda act_sq, d: d),                                  # ‖W_c[:, i]‖
     "activation": Importance(lambda act_sq, d: act_sq.sqrt()),                  # sqrt(G_ii / N)
     "act_weight": Importance(lambda act_sq, d: act_sq.sqrt() * d),              # sqrt(G_ii / N)·‖W_c[:, i]‖
     "cholesky": Importance(lambda act_sq, d: act_sq.sqrt() * d, select=_weighted_cholesky),  # heads: act_weight
+    "transport": Importance(lambda act_sq, d: act_sq.sqrt() * d, select=transport_targets),  # heads: act_weight
 }
 
 

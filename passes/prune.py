@@ -2,7 +2,8 @@
 
 Importance per channel (`dotresize_fx.fit.IMPORTANCES`): `weight` ‖W_c[:, i]‖, `activation` sqrt(G_ii / N),
 `act_weight` their product (default; the best of the three in REFERENCE.md), `cholesky` greedy column-subset
-selection on D·G·D (MLP / channels; heads rank by act_weight). Heads score as the norm of their channels'
+selection on D·G·D, `transport` the targets that make moving every neuron onto its nearest one cheapest
+(`fit.transport_targets`; both MLP / channels, heads rank by act_weight). Heads score as the norm of their channels'
 scores; GQA heads go by whole kv groups or evenly within groups.
 `unmerge="ls"` compensates the consumers by least squares: U = (SᵀGS + λI)⁻¹(SᵀG + λSᵀ), a ridge toward
 plain selection whose λ is picked on held-out calibration rows (`fit.ridge_fit`)."""

@@ -6,7 +6,7 @@ import models
 from dotresize_fx.analyze import analyze
 from dotresize_fx.errors import DotResizeError
 from dotresize_fx.calibrate import holdout_rows
-from dotresize_fx.fit import ls_unmerge, pivoted_cholesky
+from dotresize_fx.fit import ls_unmerge, pivoted_cholesky, transport_targets
 from dotresize_fx.targets import Targets, plan_widths
 from passes import ot as dot
 
@@ -107,6 +107,22 @@ def test_pivoted_cholesky_skips_redundant_columns():
     X = torch.cat([X, 3 * X[:, :1]], dim=1)             # column 5 repeats column 0, louder
     chosen = pivoted_cholesky(X.T @ X, 5).tolist()
     assert 5 in chosen and 0 not in chosen
+
+
+def test_transport_targets_keep_what_the_others_cannot_carry():
+    """A duplicate moves onto its twin for free and a near-silent neuron costs little to move, so both go; on a
+    small case the selection is the reverse greedy's, checked by brute force at every step."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 5, dtype=torch.float64, generator=g)
+    X = torch.cat([X, 3 * X[:, :1], 0.01 * torch.randn(300, 1, dtype=torch.float64, generator=g)], dim=1)
+    assert transport_targets(X.T @ X, torch.ones(7, dtype=torch.float64), 5).tolist() == [1, 2, 3, 4, 5]
+    X = torch.randn(50, 12, dtype=torch.float64, generator=g) @ torch.randn(12, 12, dtype=torch.float64, generator=g)
+    G, d = X.T @ X, torch.rand(12, dtype=torch.float64, generator=g)
+    C = d[:, None] ** 2 * (G.diagonal()[:, None] - G ** 2 / G.diagonal()[None, :]).clamp_min(0)
+    alive = list(range(12))
+    while len(alive) > 4:
+        alive.remove(min(alive, key=lambda t: C[:, [a for a in alive if a != t]].min(1).values.sum()))
+    assert transport_targets(G, d, 4).tolist() == alive
 
 
 def test_widths_are_rounded_and_gqa_divisible():
