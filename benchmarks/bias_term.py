@@ -6,53 +6,27 @@ benchmarks/results/bias-term-DATE.json.
 
     .venv/bin/python benchmarks/bias_term.py [--layers 3 15 26] [--windows 24]
 """
-import argparse
-import datetime
-import json
-import platform
-from pathlib import Path
-
 import torch
 
-from dotresize_fx import data
-from dotresize_fx.load import load
+import mlp_layers
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, nargs="*", default=[3, 15, 26])
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--keep", type=int, default=1152)
+    p = mlp_layers.parser(__doc__)
     p.add_argument("--ridge", type=float, default=1e-3, help="λ relative to the Gram's mean diagonal")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok, _ = load("smollm2-135m")
-    ids = data.tokenize(tok, data.text("sotu", "calibration"), 400_000)
-    windows = data.calibration_windows(ids, data.bos_id(tok), args.windows, args.seq_len, 0, "sotu")
+    model, windows = mlp_layers.model_and_windows(args)
     rows = [_layer(model, windows, layer, args.keep, args.ridge) for layer in args.layers]
     for r in rows:
         print(r)
-    today = datetime.date.today().isoformat()
-    out = Path(__file__).parent / "results" / f"bias-term-{today}.json"
-    out.write_text(json.dumps({"date": today, "machine": f"{platform.machine()}, {args.threads} threads",
-                               "protocol": vars(args), "rows": rows}, indent=1))
+    mlp_layers.write("bias-term", args, rows)
 
 
 def _layer(model, windows, layer: int, keep: int, ridge: float) -> dict:
     mlp = model.model.layers[layer].mlp
-    rows = []
-    hook = mlp.down_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].flatten(0, -2).double()))
-    with torch.no_grad():
-        for w in windows.split(4):
-            model(w)
-    hook.remove()
-    H = torch.cat(rows)
-    train, test = H[: len(H) * 3 // 4], H[len(H) * 3 // 4:]   # fit on the first windows, score on the rest
+    train, test = mlp_layers.fit_and_held_out(model, mlp.down_proj, windows)
     W = mlp.down_proj.weight.double()
-    kept = (train.square().mean(0).sqrt() * W.norm(dim=0)).argsort(descending=True)[:keep].sort().values
-    removed = torch.tensor(sorted(set(range(W.shape[1])) - set(kept.tolist())))
+    kept, removed = mlp_layers.kept_and_removed(train, W, keep)
     target = test[:, removed] @ W[:, removed].T           # what the removed neurons wrote
     scale = (test @ W.T).norm()
     mean_removed = (train[:, removed] @ W[:, removed].T).mean(0)

@@ -9,41 +9,22 @@ calibration tokens. Writes benchmarks/results/up-merge-DATE.json.
 
     .venv/bin/python benchmarks/up_merge.py [--layers 3 15 26] [--windows 24]
 """
-import argparse
-import datetime
-import json
-import platform
-from pathlib import Path
-
 import torch
 
-from dotresize_fx import data
-from dotresize_fx.load import load
+import mlp_layers
 
 MASSES = (0.1, 0.25, 0.5, 1.0)
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, nargs="*", default=[3, 15, 26])
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--keep", type=int, default=1152)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok, _ = load("smollm2-135m")
-    ids = data.tokenize(tok, data.text("sotu", "calibration"), 400_000)
-    windows = data.calibration_windows(ids, data.bos_id(tok), args.windows, args.seq_len, 0, "sotu")
+    args = mlp_layers.parser(__doc__).parse_args()
+    model, windows = mlp_layers.model_and_windows(args)
     rows = []
     for layer in args.layers:
         rows.append(_layer(model.model.layers[layer].mlp, windows, model, args.keep) | {"layer": layer})
         print(rows[-1], flush=True)
-    today = datetime.date.today().isoformat()
-    out = Path(__file__).parent / "results" / f"up-merge-{today}.json"
-    out.write_text(json.dumps({"date": today, "machine": f"{platform.machine()}, {args.threads} threads",
-                               "protocol": vars(args), "rows": rows}, indent=1))
+    mlp_layers.write("up-merge", args, rows)
 
 
 def _ridge_error(H_fit, H_test, Y_fit, Y_test) -> float:
@@ -57,14 +38,7 @@ def _ridge_error(H_fit, H_test, Y_fit, Y_test) -> float:
 
 
 def _layer(mlp, windows, model, keep: int) -> dict:
-    inputs = []
-    hook = mlp.register_forward_hook(lambda m, i, o: inputs.append(i[0].flatten(0, -2).double()))
-    with torch.no_grad():
-        for w in windows.split(4):
-            model(w)
-    hook.remove()
-    X = torch.cat(inputs)
-    fit, test = X[: len(X) * 3 // 4], X[len(X) * 3 // 4:]   # fit on the first windows, score on the rest
+    fit, test = mlp_layers.fit_and_held_out(model, mlp, windows)   # fit on the first windows, score on the rest
     Wg, Wu, Wd = (mlp.gate_proj.weight.double(), mlp.up_proj.weight.double(), mlp.down_proj.weight.double())
     act = torch.nn.functional.silu
 
@@ -72,8 +46,7 @@ def _layer(mlp, windows, model, keep: int) -> dict:
         return act(x @ gate.T) * (x @ up.T)
     H_fit, H_test = hidden(fit, Wg, Wu), hidden(test, Wg, Wu)
     Y_fit, Y_test = H_fit @ Wd.T, H_test @ Wd.T
-    kept = (H_fit.square().mean(0).sqrt() * Wd.norm(dim=0)).topk(keep).indices.sort().values
-    removed = torch.tensor(sorted(set(range(Wd.shape[1])) - set(kept.tolist())))
+    kept, removed = mlp_layers.kept_and_removed(H_fit, Wd, keep)
     row = {"prune+ls": _ridge_error(H_fit[:, kept], H_test[:, kept], Y_fit, Y_test)}
     for signal, S in (("h", H_fit), ("gate", act(fit @ Wg.T))):
         unit = S / S.norm(dim=0).clamp_min(1e-12)
