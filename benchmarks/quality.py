@@ -46,6 +46,9 @@ ROWS = {
     # the same budget (−18.7% non-embedding) spread over MLP and heads together
     "prune+ls-budget-fisher": "prune:budget=0.187,unmerge=ls,allocation=fisher",
     "dotresize-mlp-pure-budget-fisher": "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher",
+    # least squares toward the dense model's own activations (it also corrects what earlier blocks left)
+    "prune+ls-dense": "prune:mlp=0.25,unmerge=ls,ls_target=dense",
+    "prune+ls-budget-fisher-dense": "prune:budget=0.187,unmerge=ls,allocation=fisher,ls_target=dense",
     "prune+ls-10-budget-fisher": "prune:budget=0.094,unmerge=ls,allocation=fisher",
     "dotresize-mlp-10-pure-budget-fisher": "dotresize:budget=0.094,pure_producers=1,refine=0,allocation=fisher",
     "prune+ls-30-budget-fisher": "prune:budget=0.281,unmerge=ls,allocation=fisher",
@@ -69,8 +72,16 @@ ROWS = {
     "pca-504-refit": "pca:residual=0.111,residual_refit=1",
     "pca-global-refit": "pca:residual=0.25,residual_refit=1",
     "dotresize-residual-refit": "dotresize:residual=0.25,unmerge=pinv,residual_refit=1",
-    # residual 576→432 with a basis per block and an adapter on each skip (not a stock architecture)
+    # a basis per block, calibrated on the resized prefix, and an adapter on each skip (not a stock architecture)
     "pca-per_layer": "pca:residual=0.25,residual_maps=per_layer",
+    "pca-per_layer-refit": "pca:residual=0.25,residual_maps=per_layer,residual_refit=1",
+    "pca-504-per_layer": "pca:residual=0.111,residual_maps=per_layer",
+    "pca-504-per_layer-refit": "pca:residual=0.111,residual_maps=per_layer,residual_refit=1",
+    # our format need not keep hidden_size a multiple of the heads: SliceGPT's own 512 and 456
+    "pca-512-per_layer": "pca:residual=0.1111,residual_maps=per_layer",
+    "pca-512-per_layer-refit": "pca:residual=0.1111,residual_maps=per_layer,residual_refit=1",
+    "pca-456-per_layer": "pca:residual=0.2083,residual_maps=per_layer",
+    "pca-456-per_layer-refit": "pca:residual=0.2083,residual_maps=per_layer,residual_refit=1",
     "dotresize-residual-per_layer": "dotresize:residual=0.25,unmerge=pinv,residual_maps=per_layer",
     # heads 9→6 per layer (one q head per GQA group)
     "prune-heads+ls": "prune:heads=0.34,unmerge=ls",

@@ -178,11 +178,10 @@ class Calibration:
 
 
 def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: list[str],
-                  progress: bool = True, per_norm: bool = False) -> Calibration:
-    """Run `batches` (tuples of model inputs) through `model` and accumulate Grams for `groups`
-    (`per_norm`: also one residual Gram per norm, for per-layer residual maps)."""
+                  progress: bool = True) -> Calibration:
+    """Run `batches` (tuples of model inputs) through `model` and accumulate Grams for `groups`."""
     cal = Calibration()
-    with observing(model, analysis, groups, cal, per_norm):
+    with observing(model, analysis, groups, cal):
         t0 = time.perf_counter()
         with torch.inference_mode():
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
@@ -193,7 +192,8 @@ def collect_stats(model: torch.nn.Module, analysis: Analysis, batches, groups: l
 
 @contextlib.contextmanager
 def observing(model, analysis: Analysis, groups: list[str], cal: Calibration, per_norm: bool = False):
-    """Hooks that accumulate `groups`' statistics into `cal` while the model runs inside the block."""
+    """Hooks that accumulate `groups`' statistics into `cal` while the model runs inside the block (`per_norm`:
+    also one residual Gram per norm, for per-layer residual maps)."""
     hooks = []
     try:
         for name in groups:
@@ -204,16 +204,22 @@ def observing(model, analysis: Analysis, groups: list[str], cal: Calibration, pe
             h.remove()
 
 
+def stream_rows(x: torch.Tensor, centred: bool) -> torch.Tensor:
+    """A residual stream's rows as its statistics see them: float64, each RMS-normalised (as the norms that read
+    it do), centred first where the rewrite centres the stream."""
+    x = x.to(torch.float64)
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    return x / x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
+
+
 def _install(model, group: WidthGroup, cal: Calibration, per_norm: bool = False) -> list:
     n_ch = group.size * group.unit
     if group.kind == "residual":
         stats = cal.stats[group.name] = Stats.zeros(n_ch)
 
         def on_norm(_module, args, name):
-            x = args[0].to(torch.float64)
-            if group.centred:  # the rewrite centres such streams: see them so
-                x = x - x.mean(-1, keepdim=True)
-            x = x / x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
+            x = stream_rows(args[0], group.centred)
             stats.add(x)
             if per_norm:
                 cal.norms[name].add(x)

@@ -26,8 +26,8 @@ from .maps import WidthMap
 from .outputs import model_outputs
 from .refit import refit_consumer
 from .refit_residual import refit_readers
-from .residual import stage_of
 from .rewrite import apply, finalize
+from .stages import prefix_stages, projected
 from .targets import WidthPlan, plan_widths
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class WidthPass(PassBase):
 
     def call(self, model: torch.nn.Module) -> PassResult:
         heads = {g.size for g in self.analysis.by_kind("heads")}
-        stock_multiple = heads.pop() if hasattr(model, "config") and len(heads) == 1 else 1
+        # a stock config needs hidden_size % heads == 0; per-layer maps are saved in our format, which does not
+        stock = hasattr(model, "config") and len(heads) == 1 and self.targets.residual_maps == "global"
+        stock_multiple = heads.pop() if stock else 1
         targets = self.targets.budget_targets(model, self.analysis)
         plan = plan_widths(self.analysis, targets, stock_multiple, where=self.name)
         self.report["rounding"], self.report["skipped"] = plan.rounding, plan.skipped
@@ -136,10 +138,14 @@ class WidthPass(PassBase):
         if per_layer and order.whole:
             raise DotResizeError("per_layer residual maps need blocks that chain (hidden = block(hidden)); "
                                  "use residual_maps=global")
-        cal = collect_stats(new, self.analysis, self.batches, names, progress=False, per_norm=per_layer)
+        cal = collect_stats(new, self.analysis, self.batches, names, progress=False)
         self._count_forward(cal.forward_s)
         maps = {n: self._spanning_map(new, self.analysis.group(n), *plan.widths[n], cal, order) for n in names}
+        simulated = {n: self._simulated(new, n, maps[n], order) for n in names if maps[n].stages}
         _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
+        for name, want in simulated.items():   # measured, not asserted: exact only where readers rebuild Q·Qᵀ
+            self.report.setdefault("per_layer_vs_simulated_prefix", {})[name] = \
+                (probe_output(new, self.probe) - want).abs().max().item()
         if self.targets.residual_refit:
             for g in (self.analysis.group(n) for n in names if self.analysis.group(n).kind == "residual"):
                 lams, seconds = refit_readers(new, model, g, order, self.batches, getattr(self.config, "ls_reg", 1e-4),
@@ -149,25 +155,26 @@ class WidthPass(PassBase):
                     {norm: lam if math.isfinite(lam) else "prior" for norm, lam in lams.items()})
         return self._kept(maps), first.untied, first.notes
 
+    def _simulated(self, model, name: str, w: WidthMap, order: Blocks) -> torch.Tensor:
+        """The probe's output with the stream projected as the per-layer map carries it (`stages.projected`),
+        which the bases were computed on and the rewrite should reproduce."""
+        with projected(model, self.analysis.group(name), order, w.stages):
+            return probe_output(model, self.probe)
+
     def _kept(self, maps: dict[str, WidthMap]) -> dict:
         """Applied maps as the pass keeps them: their widths only, so memory does not grow block by block."""
         return maps if self.keep_maps else {n: w.applied() for n, w in maps.items()}
 
     def _spanning_map(self, model, g: WidthGroup, m, kv, cal: Calibration, order: Blocks) -> WidthMap:
-        """One map, or for a per_layer residual one per block plus the last."""
-        stats = cal.stats.get(g.name)
+        """One map, or for a per_layer residual one per block plus the last, each calibrated on the stream the
+        resized blocks before it carry (`stages.prefix_stages`)."""
+        w = self.group_map(model, g, m, kv, cal.stats.get(g.name))
         if g.kind != "residual" or self.targets.residual_maps == "global":
-            return self.group_map(model, g, m, kv, stats)
-        n_blocks = len(order.modules)
-        stages = [None] * (n_blocks + 1)
-        for norm in g.norms:
-            i = stage_of(norm, order.prefix, n_blocks)
-            stages[i] = cal.norms[norm] if stages[i] is None else stages[i] + cal.norms[norm]
-        if any(st is None for st in stages):
-            raise DotResizeError(f"per_layer residual maps: a stage of {g.name} has no norm to calibrate it")
-        w = self.group_map(model, g, m, kv, stats)
-        w.stages = [self.group_map(model, g, m, kv, st) for st in stages]
+            return w
+        w.stages, seconds = prefix_stages(model, self.analysis, g, order, self.batches,
+                                          lambda stats: self.group_map(model, g, m, kv, stats), self.device)
         w.stage_prefix = order.prefix
+        self._count_forward(seconds)
         return w
 
     def _blockwise(self, model, new, plan: WidthPlan, order: Blocks) -> dict[str, WidthMap]:

@@ -37,7 +37,7 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
         raise DotResizeError(f"{group.name}: a LayerNorm stream needs at least 2 channels; lower the reduction")
     stages = w.stages or [w]
     # the stream carries z = x·Q; consumers rebuild x ≈ z·C (C = R·U for a QR basis)
-    bases = [centred_basis(s.merge) if centre else torch.linalg.qr(s.merge)[0] for s in stages]
+    bases = [stage_basis(s, centre) for s in stages]
     readers = [Q.T @ s.merge @ s.unmerge for Q, s in zip(bases, stages)]
     producer = torch.eye(n, dtype=torch.float64) - (1.0 / n if centre else 0.0)  # centring folded into writers
     gain = math.sqrt(n / m)
@@ -74,6 +74,11 @@ def residual_ops(model, group: WidthGroup, w: WidthMap, sites: Sites, overwrite:
     notes.append(f"{group.name}: norm gains folded into consumers; norms keep gain sqrt({n}/{m})"
                  + ("; producers centred so LayerNorm acts as RMSNorm" if centre else "")
                  + (f"; {len(stages) - 1} skip adapters between per-layer bases" if w.stages else ""))
+
+
+def stage_basis(w: WidthMap, centred: bool) -> torch.Tensor:
+    """The orthonormal basis Q (n×m) that carries the stream for map `w` (a centred stream's keeps it zero-mean)."""
+    return centred_basis(w.merge) if centred else torch.linalg.qr(w.merge)[0]
 
 
 def stage_of(path: str, prefix: str, last: int, producer: bool = False) -> int:

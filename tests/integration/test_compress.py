@@ -227,17 +227,19 @@ def test_decoder_families_compress_mlp_and_heads_and_reload(arch, method, tmp_pa
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits, want)
 
 
-@pytest.mark.parametrize("passes", ["pca:residual=0.25,residual_maps=per_layer",
-                                    "dotresize:residual=0.25,residual_maps=per_layer"])
-def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, tmp_path):
-    """One basis per block: an m×m adapter on each block's output, our format, replayed and exported exactly."""
+@pytest.mark.parametrize("passes,width", [("pca:residual=0.25,residual_maps=per_layer", 48),
+                                          ("dotresize:residual=0.25,residual_maps=per_layer", 48),
+                                          ("pca:residual=0.22,residual_maps=per_layer,round_to=2", 50)])
+def test_per_layer_residual_maps_add_skip_adapters_that_save_and_export(passes, width, tmp_path):
+    """One basis per block: an m×m adapter on each block's output, our format, replayed and exported exactly;
+    not stock, so the width need not be a multiple of the 4 heads."""
     import onnxruntime as ort
     from dotresize_fx.export import to_onnx
     report = run(_job("llama", passes, tmp_path))
     model = report["_model"]
     adapters = [n for n, _ in model.named_parameters() if n.endswith("skip_adapter")]
     assert adapters == ["model.layers.0.skip_adapter", "model.layers.1.skip_adapter"]
-    assert tuple(model.model.layers[0].skip_adapter.shape) == (48, 48)
+    assert tuple(model.model.layers[0].skip_adapter.shape) == (width, width)
     plan = json.loads((tmp_path / "out" / "resize_plan.json").read_text())
     assert not plan["stock"] and plan["skip_adapters"] == ["model.layers.0", "model.layers.1"]
     ids = models._ids()[0]

@@ -37,8 +37,10 @@ def test_bfloat16_weights_stay_bfloat16_and_score_like_float32(tmp_path):
 
 def test_two_gloo_ranks_save_the_same_model_as_one_process(tmp_path):
     """prune+ls on the MLPs from 4 × 16 rows, fewer than their 96 channels (the ranks gather the rows and fit
-    in the row space), then DOTResize on the heads (Grams summed over the ranks)."""
-    args = ["compress", f"{MODELS}:llama", "--passes", "prune:mlp=0.25,unmerge=ls dotresize:heads=0.5", "--data",
+    in the row space), then DOTResize on the heads (Grams summed over the ranks), then per-layer residual bases
+    (each block's statistics summed over the ranks before its basis is computed and the prefix advances)."""
+    args = ["compress", f"{MODELS}:llama", "--passes",
+            "prune:mlp=0.25,unmerge=ls dotresize:heads=0.5 pca:residual=0.25,residual_maps=per_layer", "--data",
             "random", "--calib-samples", "4", "--seq-len", "16"]
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([sys.executable, "-m", "dotresize_fx.cli", *args, "--out", str(tmp_path / "one")], check=True,
