@@ -142,14 +142,14 @@ class BlockRunner:
             return
         t0 = time.perf_counter()
         first = self._grab(batches[0], every_block=True)
-        extras = [_without_hidden(*a) for a in first]
+        extras = [without_hidden(*a) for a in first]
         self.per_block = not all(_same(e, extras[0]) for e in extras[1:])
         self.inputs = [first[0]]
         self.extras[0] = extras if self.per_block else None
         for i, batch in enumerate(batches[1:], start=1):
             seen = self._grab(batch, every_block=self.per_block)
             self.inputs.append(seen[0])
-            self.extras[i] = [_without_hidden(*a) for a in seen] if self.per_block else None
+            self.extras[i] = [without_hidden(*a) for a in seen] if self.per_block else None
         self.inputs, self.extras = _to(self.inputs, self.device), _to(self.extras, self.device)
         self.forward_s += time.perf_counter() - t0
 
@@ -199,7 +199,7 @@ class BlockRunner:
             return main_output(self.blocks.modules[0](*self.inputs[i][0]))
         args, kwargs = self.inputs[i]
         if self.extras[i] is not None:
-            args, kwargs = _with_hidden(self.extras[i][b], hidden_in(args, kwargs))
+            args, kwargs = with_hidden(self.extras[i][b], hidden_in(args, kwargs))
         return _hidden(self.blocks.modules[b](*args, **kwargs))
 
     def run(self, b: int, on_output=None) -> None:
@@ -217,7 +217,7 @@ class BlockRunner:
             return
 
         def store(i, out):
-            self.inputs[i] = _with_hidden(_without_hidden(*self.inputs[i]), out)
+            self.inputs[i] = with_hidden(without_hidden(*self.inputs[i]), out)
         self.run(b, store)
 
 
@@ -243,7 +243,7 @@ def resolve_device(device: str) -> str:
     raise DotResizeError(f"--device {device!r}: use auto, cpu or cuda[:N]")
 
 
-def _without_hidden(args, kwargs):
+def without_hidden(args, kwargs):
     """(position of the hidden states or None for the keyword, the other args, the other kwargs)."""
     i = _hidden_at(args)
     if i is not None:
@@ -251,7 +251,7 @@ def _without_hidden(args, kwargs):
     return (None, args, {k: v for k, v in kwargs.items() if k != HIDDEN_STATES_ARG})
 
 
-def _with_hidden(extra, hidden):
+def with_hidden(extra, hidden):
     i, args, kwargs = extra
     if i is not None:
         return (*args[:i], hidden, *args[i:]), kwargs

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .blocks import BlockRunner, Blocks, _with_hidden, _without_hidden, hidden_in
+from .blocks import BlockRunner, Blocks, with_hidden, without_hidden, hidden_in
 from .calibrate import Calibration, Stats, observing, stream_rows
 from .errors import DotResizeError
 from .groups import Analysis, WidthGroup
@@ -94,7 +94,7 @@ def _project(block: torch.nn.Module, writers: list[torch.nn.Module], Q: torch.Te
         return (x @ q) @ q.T
 
     def on_entry(_module, args, kwargs):
-        return _with_hidden(_without_hidden(args, kwargs), proj(hidden_in(args, kwargs)))
+        return with_hidden(without_hidden(args, kwargs), proj(hidden_in(args, kwargs)))
     hooks = [block.register_forward_pre_hook(on_entry, with_kwargs=True)]
     hooks += [w.register_forward_hook(lambda _m, _a, out: proj(out)) for w in writers]
     return hooks
