@@ -46,6 +46,11 @@ ROWS = {
     # the same budget (−18.7% non-embedding) spread over MLP and heads together
     "prune+ls-budget-fisher": "prune:budget=0.187,unmerge=ls,allocation=fisher",
     "dotresize-mlp-pure-budget-fisher": "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher",
+    # then trained toward the dense model's outputs on the calibration windows (passes/distill.py)
+    "prune+ls-distill": "prune:mlp=0.25,unmerge=ls distill",
+    "prune+ls-budget-fisher-distill": "prune:budget=0.187,unmerge=ls,allocation=fisher distill",
+    "dotresize-mlp-pure-budget-fisher-distill":
+        "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher distill",
     # least squares toward the dense model's own activations (it also corrects what earlier blocks left)
     "prune+ls-dense": "prune:mlp=0.25,unmerge=ls,ls_target=dense",
     "prune+ls-budget-fisher-dense": "prune:budget=0.187,unmerge=ls,allocation=fisher,ls_target=dense",

@@ -141,12 +141,16 @@ def current_rss_mb() -> float | None:
 
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
-    from passes import EXPORT_PASSES, WIDTH_PASSES, export_config, width_config
+    from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, export_config, width_config
+    from passes.distill import teacher_targets
     quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
     specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
     configs = [width_config(s) for s in specs] + [export_config(s) for s in quantize]  # bad options fail first
     if not specs and not quantize:
         raise DotResizeError("no passes given: e.g. --method prune --mlp 0.25, or --passes \"dotresize:mlp=0.25\"")
+    if specs and specs[0].method in TRAIN_PASSES:
+        raise DotResizeError(f"{specs[0].method} trains a compressed model toward the dense one: put it after a "
+                             "width pass (--passes \"prune:mlp=0.25,unmerge=ls distill\")")
     onnx = job.onnx or bool(quantize)
     if onnx and not job.out:
         raise DotResizeError("ONNX export and quantization write files: give --out")
@@ -170,16 +174,23 @@ def run(job: Job) -> dict:
     before = parameter_counts(model)
     ppl_before = _ppl(model, eval_windows, job) if evaluate else None
 
-    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] for k in c.targets.kinds()})
+    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] if hasattr(c, "targets")
+                                                          for k in c.targets.kinds()})
+    # a distill pass's teacher is the model as loaded: its outputs, taken before any width pass changes it
+    teacher = {i: teacher_targets(model, calib, c) for i, (s, c) in enumerate(zip(specs, configs))
+               if s.method in TRAIN_PASSES}
     current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     _release_capture(analysis, path)
     t = time.perf_counter()
     for i, (spec, config) in enumerate(zip(specs, configs)):
         bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
-        the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
-                                             device, inplace=not onnx)   # ONNX latency needs the dense model
+        if spec.method in TRAIN_PASSES:
+            the_pass = TRAIN_PASSES[spec.method](config, teacher.pop(i), calib, device, job.progress)
+        else:
+            the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
+                                                 device, inplace=not onnx)   # ONNX latency needs the dense model
         try:
-            with resized_forward(spec.method, analysis, config.targets):
+            with resized_forward(spec.method, analysis, getattr(config, "targets", None)):
                 result = the_pass(current)
         finally:
             bar.close()

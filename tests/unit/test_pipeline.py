@@ -11,7 +11,7 @@ from dotresize_fx.compress import PassSpec
 from dotresize_fx.errors import DotResizeError
 from dotresize_fx.options import choices
 from dotresize_fx.targets import Targets, plan_widths
-from passes import EXPORT_PASSES, WIDTH_PASSES, build_pass, width_config
+from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, build_pass, width_config
 from passes import ot as dot
 
 
@@ -38,7 +38,7 @@ def test_registries_drive_choices_and_adding_an_importance_is_one_entry(monkeypa
 
 def test_readme_lists_every_registered_choice():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    names = [*WIDTH_PASSES, *EXPORT_PASSES, *fit.IMPORTANCES, *dot.COSTS, *dot.MARGINALS]
+    names = [*WIDTH_PASSES, *TRAIN_PASSES, *EXPORT_PASSES, *fit.IMPORTANCES, *dot.COSTS, *dot.MARGINALS]
     missing = [n for n in names if f"`{n}" not in readme and f"{n}`" not in readme and f"|{n}" not in readme]
     assert not missing, missing
 
