@@ -49,6 +49,9 @@ ROWS = {
     # then trained toward the dense model's outputs on the calibration windows (passes/distill.py)
     "prune+ls-distill": "prune:mlp=0.25,unmerge=ls distill",
     "prune+ls-budget-fisher-distill": "prune:budget=0.187,unmerge=ls,allocation=fisher distill",
+    "prune+ls-budget-fisher-distill128": "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128",
+    "dotresize-mlp-pure-budget-fisher-distill128":
+        "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher distill:samples=128",
     "dotresize-mlp-pure-budget-fisher-distill":
         "dotresize:budget=0.187,pure_producers=1,refine=0,allocation=fisher distill",
     # least squares toward the dense model's own activations (it also corrects what earlier blocks left)
@@ -141,11 +144,18 @@ def main():
                      "params": r["params_after"], "nonembed_params": r["nonembed_params_after"],
                      "ppl": r["ppl_after"], "ratio_to_dense": r["ppl_after"] / dense,
                      "compress_s": r["timing"]["compress_s"], "calib_forward_s": r["timing"]["calib_forward_s"],
-                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0, "widths": r["widths"]})
+                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0, "widths": r["widths"],
+                     **_distilled(r)})
         print(f"{name:<28} ppl {r['ppl_after']:9.2f}  non-emb -{100 * r['nonembed_reduction']:.1f}%", file=sys.stderr,
               flush=True)
         protocol = r["protocol"]
         _write(args, dense, protocol, rows, table)  # after every row: a stopped run keeps what it measured
+
+
+def _distilled(report: dict) -> dict:
+    """A distill pass's held-out loss curve, chosen epoch and training time."""
+    d = next((p for p in report["passes"] if p["method"] == "distill"), None)
+    return {} if d is None else {"distill": {k: d[k] for k in ("held_out_loss", "best_epoch", "train_s", "lr")}}
 
 
 def _compress(args, passes: str) -> dict:

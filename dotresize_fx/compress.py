@@ -142,7 +142,6 @@ def current_rss_mb() -> float | None:
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
     from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, export_config, width_config
-    from passes.distill import teacher_targets
     quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
     specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
     configs = [width_config(s) for s in specs] + [export_config(s) for s in quantize]  # bad options fail first
@@ -177,7 +176,7 @@ def run(job: Job) -> dict:
     path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] if hasattr(c, "targets")
                                                           for k in c.targets.kinds()})
     # a distill pass's teacher is the model as loaded: its outputs, taken before any width pass changes it
-    teacher = {i: teacher_targets(model, calib, c) for i, (s, c) in enumerate(zip(specs, configs))
+    teacher = {i: _teacher(job, tokenizer, inputs, model, calib, c) for i, (s, c) in enumerate(zip(specs, configs))
                if s.method in TRAIN_PASSES}
     current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     _release_capture(analysis, path)
@@ -185,7 +184,7 @@ def run(job: Job) -> dict:
     for i, (spec, config) in enumerate(zip(specs, configs)):
         bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
         if spec.method in TRAIN_PASSES:
-            the_pass = TRAIN_PASSES[spec.method](config, teacher.pop(i), calib, device, job.progress)
+            the_pass = TRAIN_PASSES[spec.method](config, *teacher.pop(i), device, job.progress)
         else:
             the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
                                                  device, inplace=not onnx)   # ONNX latency needs the dense model
@@ -340,6 +339,16 @@ def _calibration(job: Job, tokenizer, inputs, model, n: int) -> tuple[list[tuple
     windows = data.calibration_windows(ids, data.bos_id(tokenizer), n, job.seq_len, job.seed, corpus.name)
     batches = [(windows[i:i + job.batch_size],) for i in range(0, len(windows), job.batch_size)]
     return batches, {"corpus": corpus.name, "calib_tokens_sha256": data.token_hash(windows), "calib_windows": True}
+
+
+def _teacher(job: Job, tokenizer, inputs, model, calib: list, config) -> tuple[list, list]:
+    """A train pass's batches (the calibration's, or `samples` windows of the same data) and the dense model's
+    targets on them."""
+    from passes.distill import check_trainable, teacher_targets
+    if config.samples is not None:
+        calib = dist.shard(_calibration(job, tokenizer, inputs, model, config.samples)[0])
+    check_trainable(model, calib)
+    return teacher_targets(model, calib, config), calib
 
 
 def _ppl(model, windows, job):

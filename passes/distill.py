@@ -40,10 +40,12 @@ class DistillConfig:
     params: Literal["blocks", "all"] = "blocks"   # blocks: all but the input embedding (and a head tied to it)
     loss: Literal["kl", "mse"] = "kl"
     top_k: int = 64             # kl: teacher tokens kept per position (the rest is one bucket)
+    samples: int | None = None  # calibration windows to train on (default: the job's --calib-samples)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.top_k < 1:
-            raise DotResizeError(f"distill epochs={self.epochs}, top_k={self.top_k}: use integers ≥ 1")
+        if self.epochs < 1 or self.top_k < 1 or (self.samples is not None and self.samples < 1):
+            raise DotResizeError(f"distill epochs={self.epochs}, top_k={self.top_k}, samples={self.samples}: "
+                                 "use integers ≥ 1")
         if not 0 < self.lr < 1:
             raise DotResizeError(f"distill lr={self.lr}: use a learning rate in (0, 1), e.g. 2e-5")
 
@@ -93,6 +95,18 @@ def trained_parameters(model: torch.nn.Module, which: str) -> list[torch.nn.Para
     return [p for i, p in unique.items() if i not in skip]
 
 
+def check_trainable(model: torch.nn.Module, batches: list) -> None:
+    """What distill needs, checked before the width passes run (and again before it trains)."""
+    if dist.world_size() > 1:
+        raise DotResizeError("distill runs in one process: start the job without torchrun, or leave distill out")
+    if len(batches) < HOLD_EVERY:
+        raise DotResizeError(f"distill holds out every {HOLD_EVERY}th calibration batch and got {len(batches)}: "
+                             f"raise --calib-samples (or distill samples=) to {HOLD_EVERY}×--batch-size or more")
+    if model_dtype(model) != torch.float32:
+        raise DotResizeError(f"distill trains float32 weights, the model is {model_dtype(model)}: "
+                             "compress with --dtype float32, or leave distill out")
+
+
 class DistillPass(PassBase):
     """`call(model)` trains `model` in place toward `targets` (from `teacher_targets` on the dense model) on
     `batches`, the same calibration batches in the same order."""
@@ -106,14 +120,7 @@ class DistillPass(PassBase):
         self.report: dict = {}
 
     def requires(self, model: torch.nn.Module) -> None:
-        if dist.world_size() > 1:
-            raise DotResizeError("distill runs in one process: start the job without torchrun, or leave distill out")
-        if len(self.batches) < HOLD_EVERY:
-            raise DotResizeError(f"distill holds out every {HOLD_EVERY}th calibration batch and got "
-                                 f"{len(self.batches)}: raise --calib-samples to {HOLD_EVERY}×--batch-size or more")
-        if model_dtype(model) != torch.float32:
-            raise DotResizeError(f"distill trains float32 weights, the model is {model_dtype(model)}: "
-                                 "compress with --dtype float32, or leave distill out")
+        check_trainable(model, self.batches)
 
     def call(self, model: torch.nn.Module) -> PassResult:
         cfg, t0 = self.config, time.perf_counter()

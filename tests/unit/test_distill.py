@@ -69,3 +69,9 @@ def test_distill_that_only_hurts_returns_the_weights_it_was_given(tmp_path):
 def test_distill_refuses_what_it_cannot_do(passes, kw, message, tmp_path):
     with pytest.raises(DotResizeError, match=message):
         run(_job(passes, tmp_path, **kw))
+
+
+def test_distill_trains_on_its_own_number_of_windows(tmp_path):
+    report = run(_job("prune:mlp=0.75,heads=0.5 distill:epochs=1,lr=1e-3,samples=12", tmp_path, calib_samples=4))
+    d = report["passes"][1]
+    assert (d["train_batches"], d["held_out_batches"]) == (9, 3)
