@@ -182,7 +182,8 @@ def run(job: Job) -> dict:
     _release_capture(analysis, path)
     t = time.perf_counter()
     for i, (spec, config) in enumerate(zip(specs, configs)):
-        bar = tqdm(desc=f"{spec.method} block by block", unit="block", disable=not job.progress, leave=False)
+        bar = tqdm(desc=f"{spec.method} block by block", unit="block", leave=False,
+                   disable=not job.progress or spec.method in TRAIN_PASSES)   # a train pass shows its own
         if spec.method in TRAIN_PASSES:
             the_pass = TRAIN_PASSES[spec.method](config, *teacher.pop(i), device, job.progress)
         else:

@@ -25,6 +25,10 @@ def print_summary(r: dict) -> None:
             print(f"{p['method']} allocation {a['rule']}: {a['note']}")
         if p.get("untied"):
             print(f"untied: {', '.join(p['untied'])} (counted as non-embedding)")
+        if "held_out_loss" in p:
+            curve = p["held_out_loss"]
+            print(f"{p['method']}: held-out {p['loss']} {curve[0]:.4g} -> {curve[p['best_epoch']]:.4g} "
+                  f"(epoch {p['best_epoch']} kept of {len(curve) - 1} run; {p['train_s']:.0f} s)")
         if p.get("ls_reg"):
             picked = Counter(f"{v:g}" if isinstance(v, float) else v for v in p["ls_reg"].values())
             print(f"{p['method']} least squares, ridge λ picked on held-out calibration rows: "
