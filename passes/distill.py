@@ -124,10 +124,10 @@ class DistillPass(PassBase):
 
     def call(self, model: torch.nn.Module) -> PassResult:
         cfg, t0 = self.config, time.perf_counter()
-        held = [i for i in range(len(self.batches)) if i % HOLD_EVERY == HOLD_EVERY - 1]
-        train = [i for i in range(len(self.batches)) if i % HOLD_EVERY != HOLD_EVERY - 1]
+        held = self._held()
+        train = [i for i in range(len(self.batches)) if i not in held]
         params = trained_parameters(model, cfg.params)
-        self._home = next(model.parameters()).device
+        home = next(model.parameters()).device
         model.to(self.device)
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in frozen:
@@ -140,7 +140,7 @@ class DistillPass(PassBase):
             for p, flag in frozen:
                 p.requires_grad_(flag)
                 p.grad = None
-            model.to(self._home).eval()
+            model.to(home).eval()
         self.report.update(held_out_loss=curve, best_epoch=best_epoch, loss=cfg.loss, lr=cfg.lr,
                            trained_params=sum(p.numel() for p in params), train_batches=len(train),
                            held_out_batches=len(held), train_s=time.perf_counter() - t0)
@@ -171,20 +171,24 @@ class DistillPass(PassBase):
         with torch.no_grad():
             for p, b in zip(params, best):
                 p.copy_(b)
-        self._held = held
         return curve, best_epoch
 
     def ensures(self, model: torch.nn.Module) -> None:
         """The model returned is the best epoch's: its held-out loss is the one the curve recorded."""
+        home = next(model.parameters()).device
         model.to(self.device)
         try:
-            again = self._held_out(model, self._held)
+            again = self._held_out(model, self._held())
         finally:
-            model.to(self._home).eval()
+            model.to(home).eval()
         want = self.report["held_out_loss"][self.report["best_epoch"]]
         if abs(again - want) > 1e-6 * max(abs(want), 1e-12):
             raise DotResizeError(f"distill: the returned weights give held-out loss {again:.6g}, the best epoch "
                                  f"measured {want:.6g}; the restore failed (please report this)")
+
+    def _held(self) -> list[int]:
+        """The held-out batches: every HOLD_EVERY-th."""
+        return list(range(HOLD_EVERY - 1, len(self.batches), HOLD_EVERY))
 
     def _held_out(self, model, held: list[int]) -> float:
         model.eval()
