@@ -50,6 +50,8 @@ ROWS = {
     "prune+ls-distill": "prune:mlp=0.25,unmerge=ls distill",
     "prune+ls-budget-fisher-distill": "prune:budget=0.187,unmerge=ls,allocation=fisher distill",
     "prune+ls-budget-fisher-distill128": "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128",
+    "prune+ls-budget20-fisher-distill128":
+        "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=128",
     "prune+ls-budget-fisher-distill128-e6":
         "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128,epochs=6",
     "dotresize-mlp-pure-budget-fisher-distill128":

@@ -132,8 +132,8 @@ class BlockRunner:
     later batches stop at block 0 and nothing per block is stored.
     """
 
-    def __init__(self, model: torch.nn.Module, blocks: Blocks, batches, device: str = "cpu"):
-        self.model, self.blocks, self.device = model, blocks, torch.device(device)
+    def __init__(self, model: torch.nn.Module, blocks: Blocks, batches, device: str = "cpu", offload=None):
+        self.model, self.blocks, self.device, self.offload = model, blocks, torch.device(device), offload
         self.forward_s = 0.0
         self.extras: list[list | None] = [None] * len(batches)   # per batch, per block: args without hidden
         self.per_block = False
@@ -156,16 +156,18 @@ class BlockRunner:
     @contextlib.contextmanager
     def onloaded(self, b: int):
         """Block b on the runner's device while it is calibrated and fitted (sequential onloading, as GPTQ and
-        llm-compressor do): the rest of the model stays in CPU memory."""
-        if self.device.type == "cpu":
-            yield
-            return
+        llm-compressor do): the rest of the model stays in CPU memory. With an `offload.Offload`, what the block
+        holds afterwards that is not on disk (its rewritten weights) is written there before the next block."""
         block = self.blocks.modules[b]
-        block.to(self.device)
+        if self.device.type != "cpu":
+            block.to(self.device)
         try:
             yield
         finally:
-            block.to("cpu")
+            if self.device.type != "cpu":
+                block.to("cpu")
+            if self.offload is not None:
+                self.offload.store(block, f"{self.blocks.prefix}.{b}" if self.blocks.prefix else "")
 
     def _grab(self, batch, every_block: bool) -> list[tuple[tuple, dict]]:
         seen = []

@@ -131,7 +131,7 @@ def cmd_compress(args) -> dict:
         specs = [PassSpec(args.method, options)]
     job = Job(args.model, specs, data=args.data, calib_samples=args.calib_samples, seq_len=args.seq_len,
               eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, overwrite=args.overwrite, onnx=args.onnx,
-              opset=args.opset, dtype=args.dtype, device=args.device)
+              opset=args.opset, dtype=args.dtype, device=args.device, offload_folder=args.offload_folder)
     report = public(run(job))
     if dist.is_main():
         print_summary(report)
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics and maps are float64 whatever it is)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: where each block is calibrated and "
                    "fitted, one at a time (the rest of the model stays in CPU memory); auto: CUDA when present")
+    p.add_argument("--offload-folder", help="keep the weights on disk in this new directory (accelerate's offload "
+                   "layout), memory-mapped, so a model larger than CPU memory compresses; removed at the end")
     p.add_argument("--seed", type=int, default=0)
     _add_eval_protocol(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")

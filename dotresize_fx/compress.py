@@ -4,10 +4,10 @@ Kept out of the CLI so that examples, benchmarks and tests run exactly what `dot
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -24,6 +24,7 @@ from .errors import DotResizeError, resized_forward
 from .evaluate import parameter_counts, perplexity
 from .export import OPSET
 from .load import load, model_dtype
+from .memory import AnonPeak, peak_rss_mb, rss_mb
 from .save import check_output_dir, save
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class Job:
     layerwise: bool = True
     dtype: str = "auto"          # weights' dtype through the job and in the output (auto: the checkpoint's own)
     device: str = "auto"         # where each block is calibrated and fitted (auto: CUDA when there is one)
+    offload_folder: str | None = None   # weights kept on disk there, memory-mapped (`offload.Offload`)
 
 
 def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> dict:
@@ -130,17 +132,29 @@ def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> d
     return Pipeline(passes).run(model, **job_options)
 
 
-def current_rss_mb() -> float | None:
-    """The process's resident memory now (Linux's /proc; None elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * resource.getpagesize() / 2**20
-
-
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
+    with _offloaded(job) as offload, AnonPeak() as anon:
+        return _run(job, offload, anon)
+
+
+@contextlib.contextmanager
+def _offloaded(job: Job):
+    """The job's `Offload` (None without --offload-folder), its files removed at the end. Under torchrun each
+    rank keeps its own copy of the weights, in `FOLDER/rank-N`."""
+    if job.offload_folder is None:
+        yield None
+        return
+    from .offload import Offload
+    folder = Path(job.offload_folder)
+    offload = Offload(folder / f"rank-{dist.rank()}" if dist.world_size() > 1 else folder)
+    try:
+        yield offload
+    finally:
+        offload.close()
+
+
+def _run(job: Job, offload, anon: AnonPeak) -> dict:
     from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, export_config, width_config
     quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
     specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
@@ -160,8 +174,8 @@ def run(job: Job) -> dict:
     timing = {}
     if out:
         check_output_dir(Path(out), job.model, job.overwrite)
-    t, baseline_rss = time.perf_counter(), current_rss_mb()
-    model, tokenizer, inputs = load(job.model, job.dtype)
+    t, baseline_rss = time.perf_counter(), rss_mb()
+    model, tokenizer, inputs = load(job.model, job.dtype, offload)
     timing["load_s"] = time.perf_counter() - t
     if onnx and model_dtype(model) != torch.float32:
         raise DotResizeError(f"ONNX export is validated for float32 weights, the model is {model_dtype(model)}: "
@@ -188,13 +202,16 @@ def run(job: Job) -> dict:
             the_pass = TRAIN_PASSES[spec.method](config, *teacher.pop(i), device, job.progress)
         else:
             the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
-                                                 device, inplace=not onnx)   # ONNX latency needs the dense model
+                                                 device, inplace=not onnx,   # ONNX latency needs the dense model
+                                                 offload=offload)
         try:
             with resized_forward(spec.method, analysis, getattr(config, "targets", None)):
                 result = the_pass(current)
         finally:
             bar.close()
         current = result.graph_module
+        if offload is not None:   # what the pass left in memory (weights outside the blocks, a trained model)
+            offload.store(current)
         pass_reports.append({"method": f"{spec.targets_by}>{spec.method}" if spec.targets_by else spec.method,
                              "options": spec.options, **the_pass.report})
         if i + 1 < len(specs):
@@ -221,9 +238,12 @@ def run(job: Job) -> dict:
         "versions": _versions(), "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "dtype": str(model_dtype(current)).removeprefix("torch."), "ranks": dist.world_size(), "device": device,
     }
+    if offload is not None:
+        report["offload"] = {"folder": str(offload.folder), "written_mb": offload.stored_bytes / 2**20}
     timing["total_s"] = time.perf_counter() - t_start
     report["timing"] = timing
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["peak_anon_mb"] = anon.peak_mb   # the job's own memory, apart from pages of mapped weight files
     report["baseline_rss_mb"] = baseline_rss   # the process before the model loads: interpreter and libraries
     report["_model"], report["_tokenizer"], report["_eval_windows"] = current, tokenizer, eval_windows
     if out:

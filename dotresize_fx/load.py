@@ -38,24 +38,35 @@ class Loaded(NamedTuple):
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(spec: str | Path, dtype: str = "auto") -> Loaded:
+def load(spec: str | Path, dtype: str = "auto", offload=None) -> Loaded:
     """Load a model spec (see the module docstring), in eval mode on the CPU, its weights in `dtype`
-    (`auto`: the checkpoint's own; the embedded models are float32)."""
+    (`auto`: the checkpoint's own; the embedded models are float32). With an `offload.Offload`, the weights end
+    up memory-mapped from its folder, cast there one tensor at a time: no second copy is made in memory."""
     spec = str(spec)
     if dtype not in DTYPES:
         raise DotResizeError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if offload is None:
+        return _load(spec, dtype)
+    # a checkpoint loads memory-mapped in its own dtype; the cast happens as each tensor is stored
+    loaded = _load(spec, "auto" if Path(spec).is_dir() or spec in EMBEDDED else dtype, clone=False)
+    offload.store(loaded.model, dtype=DTYPES[dtype])
+    return loaded
+
+
+def _load(spec: str, dtype: str, clone: bool = True) -> Loaded:
+    """`clone`: copy memory-mapped checkpoint tensors into memory (aligned; matmuls on them run faster)."""
     if spec in EMBEDDED:
-        return _load_hf_dir(hf_dir(spec), dtype)
+        return _load_hf_dir(hf_dir(spec), dtype, clone=clone)
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DotResizeError(f"GGUF file {spec!r} does not exist: check the path")
-        return _load_hf_dir(gguf_to_hf_dir(path), dtype)
+        return _load_hf_dir(gguf_to_hf_dir(path), dtype, clone=clone)
     if path.is_dir():
         if (path / PLAN_FILE).is_file():
             return _cast(load_compressed(path), dtype)
         if (path / "config.json").is_file():
-            return _load_hf_dir(path, dtype)
+            return _load_hf_dir(path, dtype, clone=clone)
         raise DotResizeError(f"directory {spec!r} holds neither config.json (Hugging Face) nor {PLAN_FILE} "
                              "(dotresize_fx output): give a model directory, a .gguf file, an embedded model "
                              f"({', '.join(EMBEDDED)}) or a factory 'file.py:func'")
@@ -76,14 +87,14 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _load_hf_dir(path: Path, dtype: str = "auto") -> Loaded:
+def _load_hf_dir(path: Path, dtype: str = "auto", clone: bool = True) -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] or "auto", config=config)
     except Exception as e:
         raise DotResizeError(f"cannot load Hugging Face model from {path}: {e}") from e
-    model = _clone_parameters(model.eval())
+    model = _clone_parameters(model.eval()) if clone else model.eval()   # else: `Offload.store` copies them
     model.config.use_cache = False
     tokenizer = None
     try:

@@ -48,14 +48,14 @@ class WidthPass(PassBase):
     keep_maps = False   # keep every WidthMap's matrices in `maps` (tests replay them); else only their widths
 
     def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True,
-                 device: str = "cpu", inplace: bool = False):
+                 device: str = "cpu", inplace: bool = False, offload=None):
         super().__init__()
         if not batches:
             raise DotResizeError(f"{self.name}: calibration batches are needed (tuples of model inputs); "
                                  "give data (--data, or batches=[...])")
         self.config, self.targets = config, config.targets
         self.analysis, self.probe, self.batches = analysis, probe, batches
-        self.progress, self.layerwise, self.device = progress, layerwise, device
+        self.progress, self.layerwise, self.device, self.offload = progress, layerwise, device, offload
         # in place: no second copy of the weights (the caller keeps no use for the dense model); a refit toward
         # the dense model's own activations needs it, so that one still copies
         self.inplace = inplace and getattr(config, "ls_target", "current") != "dense" and \
@@ -99,7 +99,7 @@ class WidthPass(PassBase):
         if self.targets.allocation != "uniform":
             self._allocate(model, plan, targets.mlp if self.targets.budget is not None else None)
         reference = probe_output(model, self.probe)   # the dense output on the probe: all that is kept of it
-        new = model if self.inplace else copy.deepcopy(model)
+        new = model if self.inplace else self.offload.copy(model) if self.offload else copy.deepcopy(model)
         if self.targets.fold_bn:
             self.report["folded_bn"] = fold_batch_norms(new, self.analysis)
         order = blocks(new, self.analysis, self.batches, self.layerwise)
@@ -143,13 +143,15 @@ class WidthPass(PassBase):
         maps = {n: self._spanning_map(new, self.analysis.group(n), *plan.widths[n], cal, order) for n in names}
         simulated = {n: self._simulated(new, n, maps[n], order) for n in names if maps[n].stages}
         _, first = apply(new, self.analysis, maps, inplace=True, finalize=False)
+        if self.offload is not None:   # the stream's readers and writers in every block: back to disk
+            self.offload.store(new)
         for name, want in simulated.items():   # measured, not asserted: exact only where readers rebuild Q·Qᵀ
             self.report.setdefault("per_layer_vs_simulated_prefix", {})[name] = \
                 (probe_output(new, self.probe) - want).abs().max().item()
         if self.targets.residual_refit:
             for g in (self.analysis.group(n) for n in names if self.analysis.group(n).kind == "residual"):
                 lams, seconds = refit_readers(new, model, g, order, self.batches, getattr(self.config, "ls_reg", 1e-4),
-                                              self.device)
+                                              self.device, self.offload)
                 self._count_forward(seconds)
                 self.report.setdefault("residual_refit", {}).update(
                     {norm: lam if math.isfinite(lam) else "prior" for norm, lam in lams.items()})
@@ -182,7 +184,7 @@ class WidthPass(PassBase):
                   if self.analysis.group(n).kind != "residual"}
         inside = {n: b for n, b in inside.items() if b is not None}
         maps: dict[str, WidthMap] = {}
-        runner = BlockRunner(new, order, self.batches, self.device)
+        runner = BlockRunner(new, order, self.batches, self.device, self.offload)
         dense = self._dense_runner(model, order, inside)
         for b in range(len(order.modules)):
             names = [n for n, blk in inside.items() if blk == b]

@@ -29,7 +29,7 @@ from .sites import owner, site_tensor, transform
 
 
 def refit_readers(new: torch.nn.Module, dense: torch.nn.Module, g: WidthGroup, order: Blocks, batches,
-                  reg: float, device: str = "cpu") -> tuple[dict[str, float], float]:
+                  reg: float, device: str = "cpu", offload=None) -> tuple[dict[str, float], float]:
     """Refit every norm's readers of residual group `g` in `new` (in place); the λ chosen per norm, and the
     seconds spent in block forwards."""
     if order.whole:
@@ -40,7 +40,7 @@ def refit_readers(new: torch.nn.Module, dense: torch.nn.Module, g: WidthGroup, o
     if isinstance(new, torch.fx.GraphModule):
         raise DotResizeError("residual_refit observes the norms as modules, which a captured program does not "
                              "have: leave it off for this model (it resizes through the program path)")
-    runner = BlockRunner(new, order, batches, device)
+    runner = BlockRunner(new, order, batches, device, offload)
     dense_runner = BlockRunner(dense, Blocks(order.prefix, list(dense.get_submodule(order.prefix))), batches, device)
     n_blocks, lams, forward_s = len(order.modules), {}, 0.0
     for b in range(n_blocks):

@@ -35,7 +35,8 @@ def print_summary(r: dict) -> None:
                   + ", ".join(f"{k} ×{n}" for k, n in sorted(picked.items())))
     print(f"graph vs eager compressed model: max |d| {r['graph_check_max_abs_diff']:.2g}; "
           f"compress {r['timing']['compress_s']:.1f} s (calibration forwards {r['timing']['calib_forward_s']:.1f} s), "
-          f"peak RSS {r['peak_rss_mb']:.0f} MB")
+          f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f" ({r['peak_anon_mb']:.0f} MB of it the job's own, the rest "
+                                                  "mapped weight files)" if r.get("offload") else ""))
     if r.get("out"):
         print(f"saved to {r['out']}")
     if r.get("onnx"):

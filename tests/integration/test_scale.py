@@ -51,3 +51,24 @@ def test_two_gloo_ranks_save_the_same_model_as_one_process(tmp_path):
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
     assert json.loads((tmp_path / "two" / "report.json").read_text())["ranks"] == 2
+
+
+def test_weights_kept_on_disk_give_the_same_model_as_in_memory(tmp_path):
+    """--offload-folder on a checkpoint: every weight is memory-mapped from the folder (also after the rewrite
+    replaced it), the saved model equals the in-memory run's bit for bit, in the dtype asked for, and the folder
+    is gone at the end."""
+    load(f"{MODELS}:llama").model.save_pretrained(tmp_path / "ckpt")
+    passes = "prune:mlp=0.25,unmerge=ls,ls_target=dense dotresize:heads=0.5 pca:residual=0.25,residual_maps=per_layer"
+    reports = {}
+    for name, folder in (("memory", None), ("disk", str(tmp_path / "offload"))):
+        reports[name] = run(Job(str(tmp_path / "ckpt"), PassSpec.parse(passes), data="random", calib_samples=4,
+                                seq_len=16, dtype="bfloat16", out=str(tmp_path / name), progress=False,
+                                offload_folder=folder))
+    memory, disk = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("memory", "disk"))
+    assert memory.keys() == disk.keys() and all(torch.equal(memory[k], disk[k]) for k in memory)
+    assert {t.dtype for t in disk.values()} == {torch.bfloat16}
+    compressed = reports["disk"]["_model"]
+    assert all(p.untyped_storage().filename.startswith(str(tmp_path / "offload"))
+               for p in compressed.parameters())
+    assert reports["disk"]["offload"]["written_mb"] > 0 and not (tmp_path / "offload").exists()
+    assert all(p.untyped_storage().filename is None for p in reports["memory"]["_model"].parameters())
