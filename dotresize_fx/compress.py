@@ -4,7 +4,6 @@ Kept out of the CLI so that examples, benchmarks and tests run exactly what `dot
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import platform
@@ -25,6 +24,7 @@ from .evaluate import parameter_counts, perplexity
 from .export import OPSET
 from .load import load, model_dtype
 from .memory import AnonPeak, peak_rss_mb, rss_mb
+from .offload import offloaded
 from .save import check_output_dir, save
 
 log = logging.getLogger(__name__)
@@ -134,24 +134,8 @@ def compress(model: str, passes: list[str | PassSpec] | str, **job_options) -> d
 
 def run(job: Job) -> dict:
     """Run a compress job; returns the report (also written to OUT/report.json)."""
-    with _offloaded(job) as offload, AnonPeak() as anon:
+    with offloaded(job.offload_folder) as offload, AnonPeak() as anon:
         return _run(job, offload, anon)
-
-
-@contextlib.contextmanager
-def _offloaded(job: Job):
-    """The job's `Offload` (None without --offload-folder), its files removed at the end. Under torchrun each
-    rank keeps its own copy of the weights, in `FOLDER/rank-N`."""
-    if job.offload_folder is None:
-        yield None
-        return
-    from .offload import Offload
-    folder = Path(job.offload_folder)
-    offload = Offload(folder / f"rank-{dist.rank()}" if dist.world_size() > 1 else folder)
-    try:
-        yield offload
-    finally:
-        offload.close()
 
 
 def _run(job: Job, offload, anon: AnonPeak) -> dict:

@@ -13,6 +13,8 @@ all trace or run the whole model. A memory map is the same disk offload as far a
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import offload_weight
 
+from . import dist
 from .errors import DotResizeError
 
 INDEX = "index.json"
@@ -64,7 +67,6 @@ class Offload:
     def copy(self, module: torch.nn.Module) -> torch.nn.Module:
         """A deep copy whose parameters are new files in the folder (a dense model a pass keeps beside the one it
         rewrites), never a second copy in memory."""
-        import copy
         memo = {}
         for name, p in module.named_parameters():
             if p.numel():
@@ -99,6 +101,20 @@ class Offload:
         tmp = self.folder / f".{INDEX}.tmp"
         tmp.write_text(json.dumps(self.index))
         os.replace(tmp, self.folder / INDEX)
+
+
+@contextlib.contextmanager
+def offloaded(folder: str | Path | None):
+    """An `Offload` in `folder` (None without one), its files removed at the end. Under torchrun each rank keeps
+    its own copy of the weights, in `FOLDER/rank-N`."""
+    if folder is None:
+        yield None
+        return
+    offload = Offload(Path(folder) / f"rank-{dist.rank()}" if dist.world_size() > 1 else folder)
+    try:
+        yield offload
+    finally:
+        offload.close()
 
 
 def _join(*parts: str) -> str:
