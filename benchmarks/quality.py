@@ -10,6 +10,7 @@ Each row is one `dotresize-fx compress --passes …` process (its own timings an
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,6 +53,10 @@ ROWS = {
     "prune+ls-budget-fisher-distill128": "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128",
     "prune+ls-budget20-fisher-distill128":
         "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=128",
+    "prune+ls-budget20-fisher-distill256":
+        "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256",
+    "prune+ls-budget20-fisher-distill256-lr4e-5":
+        "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256,lr=4e-5",
     "prune+ls-budget-fisher-distill128-e6":
         "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128,epochs=6",
     "dotresize-mlp-pure-budget-fisher-distill128":
@@ -148,7 +153,8 @@ def main():
                      "params": r["params_after"], "nonembed_params": r["nonembed_params_after"],
                      "ppl": r["ppl_after"], "ratio_to_dense": r["ppl_after"] / dense,
                      "compress_s": r["timing"]["compress_s"], "calib_forward_s": r["timing"]["calib_forward_s"],
-                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0, "widths": r["widths"],
+                     "peak_rss_mb": r["peak_rss_mb"], "wall_s": time.perf_counter() - t0, "threads": args.threads,
+                     "widths": r["widths"],
                      **_distilled(r)})
         print(f"{name:<28} ppl {r['ppl_after']:9.2f}  non-emb -{100 * r['nonembed_reduction']:.1f}%", file=sys.stderr,
               flush=True)
@@ -175,7 +181,7 @@ def _compress(args, passes: str) -> dict:
 
 def _write(args, dense, protocol, rows, table):
     today = datetime.date.today().isoformat()
-    out = {"date": today, "machine": f"{platform.machine()}, {args.threads} threads", "dense_ppl": dense,
+    out = {"date": today, "machine": f"{platform.machine()}, {os.cpu_count()} cores (threads: per row)", "dense_ppl": dense,
            "protocol": protocol, "rows": rows}
     kind = "quality-validation" if args.data.startswith("validation:") else "quality"
     if args.model in ROWS_BY_MODEL:

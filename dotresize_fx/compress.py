@@ -8,12 +8,11 @@ import gc
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data, dist, program
 from .analyze import analyze
@@ -139,7 +138,7 @@ def run(job: Job) -> dict:
 
 
 def _run(job: Job, offload, anon: AnonPeak) -> dict:
-    from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, export_config, width_config
+    from passes import EXPORT_PASSES, TRAIN_PASSES, WIDTH_PASSES, PassContext, build, export_config, width_config
     quantize = [s for s in job.passes if s.method in EXPORT_PASSES]
     specs = add_on(s for s in job.passes if s.method not in EXPORT_PASSES)
     configs = [width_config(s) for s in specs] + [export_config(s) for s in quantize]  # bad options fail first
@@ -171,28 +170,20 @@ def _run(job: Job, offload, anon: AnonPeak) -> dict:
     before = parameter_counts(model)
     ppl_before = _ppl(model, eval_windows, job) if evaluate else None
 
-    path, path_reason = program.choose(model, analysis, {k for c in configs[:len(specs)] if hasattr(c, "targets")
+    path, path_reason = program.choose(model, analysis, {k for s, c in zip(specs, configs) if s.method in WIDTH_PASSES
                                                           for k in c.targets.kinds()})
     # a distill pass's teacher is the model as loaded: its outputs, taken before any width pass changes it
     teacher = {i: _teacher(job, tokenizer, inputs, model, calib, c) for i, (s, c) in enumerate(zip(specs, configs))
                if s.method in TRAIN_PASSES}
     current, pass_reports = (program.as_module(analysis) if path == "program" else model), []
     _release_capture(analysis, path)
+    context = PassContext(analysis, inputs, calib, device, job.progress, job.layerwise, offload=offload,
+                          inplace=not onnx)   # ONNX latency needs the dense model
     t = time.perf_counter()
     for i, (spec, config) in enumerate(zip(specs, configs)):
-        bar = tqdm(desc=f"{spec.method} block by block", unit="block", leave=False,
-                   disable=not job.progress or spec.method in TRAIN_PASSES)   # a train pass shows its own
-        if spec.method in TRAIN_PASSES:
-            the_pass = TRAIN_PASSES[spec.method](config, *teacher.pop(i), device, job.progress)
-        else:
-            the_pass = WIDTH_PASSES[spec.method](config, analysis, inputs, calib, _bar_update(bar), job.layerwise,
-                                                 device, inplace=not onnx,   # ONNX latency needs the dense model
-                                                 offload=offload)
-        try:
-            with resized_forward(spec.method, analysis, getattr(config, "targets", None)):
-                result = the_pass(current)
-        finally:
-            bar.close()
+        the_pass = build(spec, config, replace(context, analysis=analysis, teacher=teacher.pop(i, None)))
+        with resized_forward(spec.method, analysis, getattr(config, "targets", None)):
+            result = the_pass(current)
         current = result.graph_module
         if offload is not None:   # what the pass left in memory (weights outside the blocks, a trained model)
             offload.store(current)
@@ -298,14 +289,6 @@ def _decode_speeds(job, dense, inputs, path: Path, quantized: dict | None) -> di
     sessions = {name: session(f) for name, f in files.items()}
     return decode_speed(sessions, prompt_len=min(job.seq_len, DECODE_PROMPT), new=DECODE_TOKENS,
                         vocab=dense.config.vocab_size)
-
-
-def _bar_update(bar):
-    def update(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return update
 
 
 def public(report: dict) -> dict:

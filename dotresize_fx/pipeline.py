@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from tqdm.auto import tqdm
 
 from .allocate import allocate
 from .blocks import BlockRunner, Blocks, blocks
@@ -41,14 +42,15 @@ def probe_output(model: torch.nn.Module, probe: tuple) -> torch.Tensor:
 class WidthPass(PassBase):
     """Base of prune / dotresize / pca: `group_map()` is the method; planning, order, refit and rewriting
     are shared. `config` is the pass's frozen config dataclass (with `targets`); `batches` are tuples of model
-    inputs for calibration; `probe` a fixed input batch on which the output change is measured."""
+    inputs for calibration; `probe` a fixed input batch on which the output change is measured; `progress`
+    shows a bar over the blocks."""
 
     name = "width"
     Config: type
     keep_maps = False   # keep every WidthMap's matrices in `maps` (tests replay them); else only their widths
 
-    def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress=None, layerwise: bool = True,
-                 device: str = "cpu", inplace: bool = False, offload=None):
+    def __init__(self, config, analysis: Analysis, probe: tuple, batches, progress: bool = False,
+                 layerwise: bool = True, device: str = "cpu", inplace: bool = False, offload=None):
         super().__init__()
         if not batches:
             raise DotResizeError(f"{self.name}: calibration batches are needed (tuples of model inputs); "
@@ -61,6 +63,12 @@ class WidthPass(PassBase):
         self.inplace = inplace and getattr(config, "ls_target", "current") != "dense" and \
             not self.targets.residual_refit
         self.report: dict = {}
+
+    @classmethod
+    def build(cls, config, context) -> "WidthPass":
+        """The pass a compress job runs (`passes.PassContext`)."""
+        return cls(config, context.analysis, context.inputs, context.batches, context.progress, context.layerwise,
+                   context.device, inplace=context.inplace, offload=context.offload)
 
     def group_map(self, model: torch.nn.Module, g: WidthGroup, m: int, kv_after: int | None,
                   stats: Stats | None) -> WidthMap:
@@ -186,6 +194,8 @@ class WidthPass(PassBase):
         maps: dict[str, WidthMap] = {}
         runner = BlockRunner(new, order, self.batches, self.device, self.offload)
         dense = self._dense_runner(model, order, inside)
+        bar = tqdm(total=len(order.modules), desc=f"{self.name} block by block", unit="block", leave=False,
+                   disable=not self.progress)
         for b in range(len(order.modules)):
             names = [n for n, blk in inside.items() if blk == b]
             with runner.onloaded(b), (dense[1].onloaded(b) if dense else contextlib.nullcontext()):
@@ -201,8 +211,8 @@ class WidthPass(PassBase):
                 runner.advance(b)
                 if dense is not None:
                     dense[1].advance(b)
-            if self.progress:
-                self.progress(b + 1, len(order.modules))
+            bar.update()
+        bar.close()
         self._count_forward(runner.forward_s + (dense[1].forward_s if dense else 0.0))
         return maps
 

@@ -1,8 +1,9 @@
-"""Passes built on the toolkit, by name. `build_pass` turns a PassSpec (`prune:mlp=0.2`) into a configured pass;
-the CLI's choices and the README's list come from these registries."""
+"""Passes built on the toolkit, by name. `width_config` checks a PassSpec's (`prune:mlp=0.2`) options, and every
+pass class builds itself from its config and a `PassContext`; the CLI's choices and the README's list come from
+these registries."""
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from dotresize_fx.errors import DotResizeError
 from dotresize_fx.options import build_config
@@ -16,6 +17,7 @@ from .quantize import QuantizeConfig
 
 WIDTH_PASSES = {p.name: p for p in (PrunePass, DotResizePass, PCAPass)}
 TRAIN_PASSES = {p.name: p for p in (DistillPass,)}   # change weights, not widths: after a width pass
+PASSES = WIDTH_PASSES | TRAIN_PASSES
 EXPORT_PASSES = {"quantize": QuantizeConfig}      # run on the exported ONNX file
 _TARGET_KEYS = {f.name for f in fields(Targets)}
 
@@ -42,6 +44,26 @@ def export_config(spec):
     return build_config(cls, spec.options, f"pass {spec.method}")
 
 
-def build_pass(spec, analysis, probe, batches, progress=None, layerwise: bool = True):
-    config = width_config(spec)
-    return WIDTH_PASSES[spec.method](config, analysis, probe, batches, progress, layerwise)
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass is built from besides its config: the analysis of the model it will see, a probe input, the
+    calibration batches, and how the job runs. `teacher` is a train pass's (dense targets, their batches)."""
+    analysis: object
+    inputs: tuple
+    batches: list
+    device: str = "cpu"
+    progress: bool = False
+    layerwise: bool = True
+    inplace: bool = False      # a width pass may resize the model it is given (no dense copy kept)
+    offload: object = None     # `offload.Offload`: weights kept on disk
+    teacher: tuple | None = None
+
+
+def build(spec, config, context: PassContext):
+    """The pass `spec` names, configured (`config` from `width_config(spec)`)."""
+    return PASSES[spec.method].build(config, context)
+
+
+def build_pass(spec, analysis, probe, batches, layerwise: bool = True):
+    """A width pass from its spec alone, on the CPU, without a bar (tests, benchmarks)."""
+    return build(spec, width_config(spec), PassContext(analysis, probe, batches, layerwise=layerwise))

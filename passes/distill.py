@@ -11,12 +11,15 @@ k tokens plus one bucket for the rest (exact when k covers the output; a lower b
 `loss=mse` matches the outputs themselves instead (for models whose output is not a distribution).
 Every 4th calibration batch is held out; the held-out loss is measured before training and after every epoch,
 training stops at the first epoch that does not lower it, and the weights of the best epoch are kept (none:
-the model is returned unchanged). So the pass cannot make the held-out loss worse, and it trains only on the
-calibration split; it never sees labels, only the teacher, so it cannot fit the domain past what the dense
+the model is returned unchanged). A bfloat16 or float16 model trains float32 master weights (a step of lr 2e-5
+is below bfloat16's resolution) and is cast back at the end; its held-out loss is measured again in its own
+dtype, and if the cast undid the gain, the weights it came with are returned. So the pass cannot make the
+held-out loss worse, and it trains only on the calibration split; it never sees labels, only the teacher, so it cannot fit the domain past what the dense
 model knows.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -41,11 +44,12 @@ class DistillConfig:
     loss: Literal["kl", "mse"] = "kl"
     top_k: int = 64             # kl: teacher tokens kept per position (the rest is one bucket)
     samples: int | None = None  # calibration windows to train on (default: the job's --calib-samples)
+    micro_batch: int = 1        # sequences per forward and backward; each step still averages the whole batch
 
     def __post_init__(self):
-        if self.epochs < 1 or self.top_k < 1 or (self.samples is not None and self.samples < 1):
-            raise DotResizeError(f"distill epochs={self.epochs}, top_k={self.top_k}, samples={self.samples}: "
-                                 "use integers ≥ 1")
+        if min(self.epochs, self.top_k, self.micro_batch, 1 if self.samples is None else self.samples) < 1:
+            raise DotResizeError(f"distill epochs={self.epochs}, top_k={self.top_k}, samples={self.samples}, "
+                                 f"micro_batch={self.micro_batch}: use integers ≥ 1")
         if not 0 < self.lr < 1:
             raise DotResizeError(f"distill lr={self.lr}: use a learning rate in (0, 1), e.g. 2e-5")
 
@@ -86,6 +90,16 @@ def batch_loss(model, batch: tuple, target, loss: str) -> torch.Tensor:
     return coarse_kl(y, *target).mean()
 
 
+def micro_batches(batch: tuple, target, size: int):
+    """(piece of the batch, its targets, its share of the batch) for pieces of `size` sequences: the activations a
+    backward pass keeps grow with the piece, not the batch, and Σ share·loss(piece) is the batch's mean loss."""
+    n = next(x for x in batch if isinstance(x, torch.Tensor)).shape[0]
+    for s in range(0, n, size):
+        piece = tuple(x[s:s + size] if isinstance(x, torch.Tensor) else x for x in batch)
+        t = target[s:s + size] if isinstance(target, torch.Tensor) else tuple(x[s:s + size] for x in target)
+        yield piece, t, min(size, n - s) / n
+
+
 def trained_parameters(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
     """The floating-point parameters `params` names, each once (a tied head is its embedding)."""
     skip = set()
@@ -102,9 +116,26 @@ def check_trainable(model: torch.nn.Module, batches: list) -> None:
     if len(batches) < HOLD_EVERY:
         raise DotResizeError(f"distill holds out every {HOLD_EVERY}th calibration batch and got {len(batches)}: "
                              f"raise --calib-samples (or distill samples=) to {HOLD_EVERY}×--batch-size or more")
-    if model_dtype(model) != torch.float32:
-        raise DotResizeError(f"distill trains float32 weights, the model is {model_dtype(model)}: "
-                             "compress with --dtype float32, or leave distill out")
+
+
+@contextlib.contextmanager
+def trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Only `params` require gradients, in float32 (master weights); afterwards every parameter has its own dtype
+    and flag again, and no gradient is left."""
+    saved = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
+    for p, _, dtype in saved:
+        p.requires_grad_(False)
+        if dtype.is_floating_point:
+            p.data = p.data.float()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag, dtype in saved:
+            p.grad = None
+            p.data = p.data.to(dtype)
+            p.requires_grad_(flag)
 
 
 class DistillPass(PassBase):
@@ -119,6 +150,14 @@ class DistillPass(PassBase):
         self.config, self.targets, self.batches, self.device, self.progress = config, targets, batches, device, progress
         self.report: dict = {}
 
+    @classmethod
+    def build(cls, config: DistillConfig, context) -> "DistillPass":
+        """The pass a compress job runs: `context.teacher` holds the dense model's targets and their batches."""
+        if context.teacher is None:
+            raise DotResizeError("distill needs the dense model's outputs, taken before the width passes ran: "
+                                 "run it through compress (--passes \"prune:mlp=0.25 distill\")")
+        return cls(config, *context.teacher, context.device, context.progress)
+
     def requires(self, model: torch.nn.Module) -> None:
         check_trainable(model, self.batches)
 
@@ -127,24 +166,35 @@ class DistillPass(PassBase):
         held = self._held()
         train = [i for i in range(len(self.batches)) if i not in held]
         params = trained_parameters(model, cfg.params)
-        home = next(model.parameters()).device
+        home, dtype = next(model.parameters()).device, model_dtype(model)
         model.to(self.device)
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
         try:
-            curve, best_epoch = self._train(model, params, train, held)
+            given = None if dtype == torch.float32 else ([p.detach().clone() for p in params],
+                                                         self._held_out(model, held))
+            with trainable(model, params):
+                curve, best_epoch = self._train(model, params, train, held)
+            if given is not None:
+                best_epoch = self._in_own_dtype(model, params, held, given, best_epoch)
         finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-                p.grad = None
             model.to(home).eval()
         self.report.update(held_out_loss=curve, best_epoch=best_epoch, loss=cfg.loss, lr=cfg.lr,
-                           trained_params=sum(p.numel() for p in params), train_batches=len(train),
-                           held_out_batches=len(held), train_s=time.perf_counter() - t0)
+                           micro_batch=cfg.micro_batch, trained_params=sum(p.numel() for p in params),
+                           train_batches=len(train), held_out_batches=len(held), train_s=time.perf_counter() - t0)
         return PassResult(model, best_epoch > 0)
+
+    def _in_own_dtype(self, model, params, held: list[int], given: tuple, best_epoch: int) -> int:
+        """Cast back to a lower precision: the held-out loss again, in that dtype; the weights the model came
+        with if the cast undid the gain. The best epoch (0: those weights)."""
+        weights, before = given
+        after = self._held_out(model, held) if best_epoch else before
+        if after >= before:
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+            after, best_epoch = before, 0
+        self.report["held_out_loss_in_dtype"] = {"dtype": str(model_dtype(model)).removeprefix("torch."),
+                                                 "before": before, "after": after, "master_weights": "float32"}
+        return best_epoch
 
     def _train(self, model, params, train: list[int], held: list[int]) -> tuple[list[float], int]:
         opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
@@ -156,9 +206,10 @@ class DistillPass(PassBase):
         for epoch in range(1, self.config.epochs + 1):
             model.train()
             for i in torch.randperm(len(train), generator=order).tolist():
-                loss = batch_loss(model, self._on_device(train[i]), self._target(train[i]), self.config.loss)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for piece, target, share in micro_batches(self._on_device(train[i]), self._target(train[i]),
+                                                          self.config.micro_batch):
+                    (batch_loss(model, piece, target, self.config.loss) * share).backward()
                 opt.step()
                 bar.update()
             curve.append(self._held_out(model, held))
@@ -174,14 +225,16 @@ class DistillPass(PassBase):
         return curve, best_epoch
 
     def ensures(self, model: torch.nn.Module) -> None:
-        """The model returned is the best epoch's: its held-out loss is the one the curve recorded."""
+        """The model returned is the best epoch's: its held-out loss is the one the curve recorded (in a lower
+        precision: the one measured after the cast)."""
         home = next(model.parameters()).device
         model.to(self.device)
         try:
             again = self._held_out(model, self._held())
         finally:
             model.to(home).eval()
-        want = self.report["held_out_loss"][self.report["best_epoch"]]
+        own = self.report.get("held_out_loss_in_dtype")
+        want = own["after"] if own else self.report["held_out_loss"][self.report["best_epoch"]]
         if abs(again - want) > 1e-6 * max(abs(want), 1e-12):
             raise DotResizeError(f"distill: the returned weights give held-out loss {again:.6g}, the best epoch "
                                  f"measured {want:.6g}; the restore failed (please report this)")

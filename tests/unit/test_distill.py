@@ -63,7 +63,7 @@ def test_distill_that_only_hurts_returns_the_weights_it_was_given(tmp_path):
     ("prune:mlp=0.5 distill:lr=2", {}, "lr=2"),
     ("prune:mlp=0.5 distill:loss=l1", {}, "kl, mse"),
     ("prune:mlp=0.5 distill:epoch=2", {}, "unknown option 'epoch'"),
-    ("prune:mlp=0.5 distill", {"dtype": "bfloat16"}, "--dtype float32"),
+    ("prune:mlp=0.5 distill:micro_batch=0", {}, "micro_batch=0"),
     ("prune:mlp=0.5 distill", {"calib_samples": 3}, "raise --calib-samples"),
 ])
 def test_distill_refuses_what_it_cannot_do(passes, kw, message, tmp_path):
@@ -75,3 +75,38 @@ def test_distill_trains_on_its_own_number_of_windows(tmp_path):
     report = run(_job("prune:mlp=0.75,heads=0.5 distill:epochs=1,lr=1e-3,samples=12", tmp_path, calib_samples=4))
     d = report["passes"][1]
     assert (d["train_batches"], d["held_out_batches"]) == (9, 3)
+
+
+def test_distill_built_outside_a_job_says_it_needs_the_dense_outputs():
+    from passes import PassContext, build, width_config
+    spec = PassSpec.parse("distill")[0]
+    with pytest.raises(DotResizeError, match="dense model's outputs"):
+        build(spec, width_config(spec), PassContext(analysis=None, inputs=(), batches=[]))
+
+
+def test_micro_batches_train_as_the_whole_batch_does(tmp_path):
+    """Pieces of 3 and 1 sequences of each batch of 4, their losses weighted by share: the same steps."""
+    passes = "prune:mlp=0.75,heads=0.5 distill:epochs=2,lr=1e-3,micro_batch="
+    whole, pieces = (run(_job(passes + n, tmp_path, f"m{n}")) for n in ("4", "3"))
+    torch.testing.assert_close(pieces["passes"][1]["held_out_loss"], whole["passes"][1]["held_out_loss"], rtol=1e-4,
+                               atol=0)
+    assert pieces["passes"][1]["best_epoch"] == whole["passes"][1]["best_epoch"] == 2
+    for (name, p), q in zip(pieces["_model"].named_parameters(), whole["_model"].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_bfloat16_model_trains_float32_master_weights_and_stays_bfloat16(tmp_path):
+    pruned = run(_job("prune:mlp=0.75,heads=0.5", tmp_path, "p", dtype="bfloat16"))["_model"]
+    report = run(_job("prune:mlp=0.75,heads=0.5 distill:epochs=2,lr=1e-3", tmp_path, dtype="bfloat16"))
+    d, model = report["passes"][1], report["_model"]
+    own = d["held_out_loss_in_dtype"]
+    assert own["dtype"] == "bfloat16" and own["after"] < 0.9 * own["before"] and d["best_epoch"] >= 1
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and report["dtype"] == "bfloat16"
+    assert {b.dtype for b in model.buffers()} == {b.dtype for b in pruned.buffers()}   # inv_freq left alone
+    changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), pruned.parameters())]
+    assert sum(changed) > len(changed) // 2
+    assert [p.requires_grad for p in model.parameters()] == [q.requires_grad for q in pruned.parameters()]
+    saved = load(tmp_path / "out").model
+    assert next(saved.parameters()).dtype == torch.bfloat16
+    for (name, p), q in zip(saved.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
