@@ -5,7 +5,8 @@ Per row: the largest difference between the two saved models' weights (relative 
 entry), the dtypes saved, the compress time and its calibration forwards on each device, distill's held-out
 losses on each device, and the peak GPU memory against the model's and one block's bytes (blocks are onloaded
 one at a time). Needs a CUDA device: says so and exits 2 without one. Writes
-benchmarks/results/cuda-check-DATE.json after every row, beside the rows an earlier run of that day wrote.
+benchmarks/results/cuda-check-DATE.json after every row, beside the rows an earlier run of that day wrote
+(a row measured again replaces its old one).
 
     python benchmarks/cuda_check.py [--sizes 135m 835m] [--dtypes float32 bfloat16] [--passes prune-ls dotresize]
 """
@@ -43,19 +44,25 @@ def main():
         sys.exit(2)
     today = datetime.date.today().isoformat()
     path = HERE / "results" / f"cuda-check-{today}.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    # rows of an earlier run today stay; a re-measured row replaces its old one
+    rows = {_key(r): r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} CPU threads, {torch.cuda.get_device_name()}, "
+               f"torch {torch.__version__}")
     for size in args.sizes:
         for name in args.passes:
             for dtype in args.dtypes:
                 try:
-                    rows.append(_row(size, dtype, name))
+                    row = _row(size, dtype, name)
                 except Exception as e:   # a row that fails on one device is recorded, and the others still run
                     traceback.print_exc()
-                    rows.append({"size": size, "dtype": dtype, "passes": PASSES[name][0], "error": repr(e)})
-                print(json.dumps(rows[-1]), flush=True)
-                machine = (f"{platform.machine()}, {torch.get_num_threads()} CPU threads, {torch.cuda.get_device_name()}, "
-                           f"torch {torch.__version__}")
-                path.write_text(json.dumps({"date": today, "machine": machine, "rows": rows}, indent=1))
+                    row = {"size": size, "dtype": dtype, "passes": PASSES[name][0], "error": repr(e)}
+                rows[_key(row)] = row
+                print(json.dumps(row), flush=True)
+                path.write_text(json.dumps({"date": today, "machine": machine, "rows": list(rows.values())}, indent=1))
+
+
+def _key(row: dict) -> tuple:
+    return row["size"], row["dtype"], row["passes"]
 
 
 def _dense_mb(size: str, dtype: str) -> dict:
