@@ -57,6 +57,10 @@ ROWS = {
         "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256",
     "prune+ls-budget20-fisher-distill256-lr4e-5":
         "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256,lr=4e-5",
+    "prune+ls-budget20-fisher-distill256-lr4e-5-e5":
+        "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256,lr=4e-5,epochs=5",
+    "prune+ls-budget20-fisher-distill256-lr6e-5":
+        "prune:budget=0.2,unmerge=ls,allocation=fisher distill:samples=256,lr=6e-5",
     "prune+ls-budget-fisher-distill128-e6":
         "prune:budget=0.187,unmerge=ls,allocation=fisher distill:samples=128,epochs=6",
     "dotresize-mlp-pure-budget-fisher-distill128":
